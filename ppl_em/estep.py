@@ -1,0 +1,103 @@
+"""Symbolic graphs of the EM objective, built from the model's own logp.
+
+The central object is the N x K matrix ``L[i, k] = log p(x_i, z_i = k | theta)``.
+For an explicit label it is the model's joint logp of the label and its observed
+dependents, vectorised over the label's domain exactly as pymc-extras'
+``finite_discrete_marginal_rv_logp`` does; for a ``pm.Mixture`` it is
+``log(weights) + component logps``, the summand of PyMC's ``mixture_logprob``.
+Every graph here is written in terms of the model's value variables (unconstrained
+where the variable has a transform) and the observed data constants.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytensor.tensor as pt
+from pymc.logprob.basic import logp as rv_logp
+from pytensor.graph import vectorize_graph
+from pytensor.graph.replace import graph_replace
+from pytensor.tensor import TensorVariable
+
+from ppl_em.graph import MixtureGraph
+
+
+class ObjectiveGraphs(NamedTuple):
+    """Symbolic pieces of the EM objective.
+
+    ``joint`` is the N x K matrix; ``extra_loglik`` is the logp of observed variables
+    that do not depend on the label; ``logprior`` is the log density of the free
+    parameters and potentials, without Jacobian terms (the find_MAP convention).
+    """
+
+    joint: TensorVariable
+    extra_loglik: TensorVariable
+    logprior: TensorVariable
+
+
+def _reduce_to_rows(term: TensorVariable) -> TensorVariable:
+    """Sum every axis after (K, N): several values per observation share one label."""
+    if term.ndim > 2:
+        term = term.sum(axis=tuple(range(2, term.ndim)))
+    return term
+
+
+def _label_joint(graph: MixtureGraph) -> TensorVariable:
+    model = graph.model
+    label = graph.label_rv
+    label_value = model.rvs_to_values[label]
+    terms = model.logp(vars=[label, *graph.dependents], sum=False, jacobian=False)
+    n, k = graph.n_obs, graph.n_components
+    domain = pt.arange(k, dtype=label_value.dtype)
+    try:
+        batched = pt.repeat(domain[:, None], n, axis=1)
+        stacked = vectorize_graph(terms, replace={label_value: batched})
+    except Exception:
+        # Some Ops do not vectorise; K is small, so substituting each label value in
+        # turn costs K copies of the graph, never a loop over observations.
+        per_k = [
+            graph_replace(terms, {label_value: pt.full((n,), j, dtype=label_value.dtype)})
+            for j in range(k)
+        ]
+        stacked = [pt.stack([p[t] for p in per_k]) for t in range(len(terms))]
+    total = sum(_reduce_to_rows(t) for t in stacked)
+    return total.T
+
+
+def _mixture_joint(graph: MixtureGraph) -> TensorVariable:
+    model = graph.model
+    (mix,) = graph.dependents
+    value = model.rvs_to_values[mix]
+    _, weights, *components = mix.owner.inputs
+    if len(components) == 1:
+        (component,) = components
+        mix_axis = -component.owner.op.ndim_supp - 1
+        comp_logp = rv_logp(component, pt.expand_dims(value, mix_axis), warn_rvs=False)
+    else:
+        comp_logp = pt.stack(
+            [rv_logp(c, value, warn_rvs=False) for c in components],
+            axis=-1,
+        )
+    joint = pt.log(weights) + comp_logp
+    joint = joint.reshape((graph.n_obs, graph.n_components))
+    (joint,) = model.replace_rvs_by_values([joint])
+    return joint
+
+
+def _total(terms: list[TensorVariable]) -> TensorVariable:
+    return pt.sum([pt.sum(t) for t in terms]) if terms else pt.constant(0.0)
+
+
+def objective_graphs(graph: MixtureGraph) -> ObjectiveGraphs:
+    """Build the joint matrix, the extra log-likelihood and the log prior."""
+    model = graph.model
+    joint = _label_joint(graph) if graph.kind == "label" else _mixture_joint(graph)
+    extra = list(graph.other_observed)
+    extra_terms = model.logp(vars=extra, sum=False, jacobian=False) if extra else []
+    prior_terms = model.logp(vars=list(graph.params), sum=False, jacobian=False)
+    prior_terms += model.replace_rvs_by_values(list(model.potentials))
+    return ObjectiveGraphs(
+        joint=pt.cast(joint, "float64"),
+        extra_loglik=pt.cast(_total(extra_terms), "float64"),
+        logprior=pt.cast(_total(prior_terms), "float64"),
+    )

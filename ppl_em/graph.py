@@ -1,0 +1,228 @@
+"""Read a PyMC model and find the mixture in it: label, K, observed dependents, parameters.
+
+The result is a frozen :class:`MixtureGraph`; every later stage (E-step graph,
+closed-form plan, compiled functions) reads the model only through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pymc as pm
+from pymc.distributions.mixture import MixtureRV
+from pymc.pytensorf import constant_fold
+from pymc_extras.model.marginal.distributions import get_domain_of_finite_discrete_rv
+from pytensor.graph.traversal import ancestors
+from pytensor.tensor import TensorVariable
+
+from ppl_em.errors import DataError, ModelStructureError
+
+SUPPORTED_LABELS = "pm.Categorical or pm.Bernoulli with shape (N,)"
+
+
+@dataclass(frozen=True)
+class MixtureGraph:
+    """What ppl_em found in a model.
+
+    ``kind`` is ``"label"`` (an explicit free ``z`` indexes the component parameters)
+    or ``"mixture"`` (a ``pm.Mixture``/``pm.NormalMixture`` likelihood). ``label_name``
+    is the label's name, or ``"<observed>_component"`` for a Mixture, and names the
+    ``lp_<label_name>`` variable in InferenceData.
+    """
+
+    model: pm.Model
+    kind: str
+    label_name: str
+    n_components: int
+    n_obs: int
+    label_rv: TensorVariable | None
+    dependents: tuple[TensorVariable, ...]
+    other_observed: tuple[TensorVariable, ...]
+    params: tuple[TensorVariable, ...]
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(rv.name for rv in self.params)
+
+    def value_var(self, rv: TensorVariable) -> TensorVariable:
+        return self.model.rvs_to_values[rv]
+
+
+def _is_discrete(rv: TensorVariable) -> bool:
+    return rv.dtype.startswith(("int", "uint", "bool"))
+
+
+def _static_shape(var: TensorVariable) -> tuple[int, ...]:
+    return tuple(int(s) for s in constant_fold(tuple(var.shape)))
+
+
+def _depends_on(rv: TensorVariable, target: TensorVariable) -> bool:
+    return target in ancestors(rv.owner.inputs)
+
+
+def _check_observed_finite(model: pm.Model) -> None:
+    for rv in model.free_RVs:
+        if rv.name.endswith("_unobserved"):
+            base = rv.name[: -len("_unobserved")]
+            raise DataError(
+                f"observed data of {base!r} contain NaN (PyMC created {rv.name!r} to impute them); "
+                "ppl_em does not impute missing values: drop or fill the NaN entries before "
+                "building the model."
+            )
+    for rv in model.observed_RVs:
+        data = observed_data(model, rv)
+        if np.issubdtype(data.dtype, np.number) and not np.all(np.isfinite(data)):
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(data))[0])
+            raise DataError(
+                f"observed data of {rv.name!r} are not finite at index {bad} "
+                f"(value {data[bad]!r}): remove or replace NaN/inf entries."
+            )
+
+
+def observed_data(model: pm.Model, rv: TensorVariable) -> np.ndarray:
+    """The numpy array behind an observed variable (constant or ``pm.Data``)."""
+    value = model.rvs_to_values[rv]
+    if hasattr(value, "data"):
+        return np.asarray(value.data)
+    return np.asarray(value.get_value())
+
+
+def _find_target(model: pm.Model, latent: str | None) -> TensorVariable:
+    if latent is not None:
+        if latent not in model.named_vars:
+            raise ModelStructureError(
+                f"latent={latent!r} is not a variable of the model; its variables are "
+                f"{sorted(model.named_vars)}."
+            )
+        return model[latent]
+    discrete = [rv for rv in model.free_RVs if _is_discrete(rv)]
+    if len(discrete) == 1:
+        return discrete[0]
+    if len(discrete) > 1:
+        raise ModelStructureError(
+            f"found {len(discrete)} discrete latent variables {[rv.name for rv in discrete]}; "
+            "ppl_em fits models with exactly one label: marginalise or fix the others, "
+            "or name the label with latent=."
+        )
+    mixtures = [rv for rv in model.observed_RVs if isinstance(rv.owner.op, MixtureRV)]
+    if len(mixtures) == 1:
+        return mixtures[0]
+    if len(mixtures) > 1:
+        raise ModelStructureError(
+            f"found {len(mixtures)} pm.Mixture likelihoods {[rv.name for rv in mixtures]}; "
+            "pass latent=<name> to choose the one EM treats as the mixture."
+        )
+    raise ModelStructureError(
+        "found no mixture in the model: no discrete latent label and no pm.Mixture/"
+        f"pm.NormalMixture likelihood. Declare a label ({SUPPORTED_LABELS}) that indexes the "
+        "component parameters, or use pm.Mixture."
+    )
+
+
+def _analyse_label(model: pm.Model, label: TensorVariable) -> MixtureGraph:
+    if label not in model.free_RVs or not _is_discrete(label):
+        raise ModelStructureError(
+            f"latent={label.name!r} is not a free finite discrete variable; "
+            f"the label must be {SUPPORTED_LABELS}."
+        )
+    try:
+        domain = get_domain_of_finite_discrete_rv(label)
+    except NotImplementedError as err:
+        raise ModelStructureError(
+            f"label {label.name!r} is a {type(label.owner.op).__name__}; "
+            f"the label must be {SUPPORTED_LABELS}."
+        ) from err
+    shape = _static_shape(label)
+    if len(shape) != 1:
+        raise ModelStructureError(
+            f"label {label.name!r} has shape {shape}; it must be one label per observation, "
+            "a vector of shape (N,)."
+        )
+    others = [rv for rv in model.free_RVs if rv is not label and _is_discrete(rv)]
+    if others:
+        raise ModelStructureError(
+            f"besides the label {label.name!r} the model has discrete latent variables "
+            f"{[rv.name for rv in others]}; ppl_em supports exactly one label."
+        )
+    per_obs = [rv for rv in model.free_RVs if rv is not label and _depends_on(rv, label)]
+    if per_obs:
+        raise ModelStructureError(
+            f"free variables {[rv.name for rv in per_obs]} depend on the label {label.name!r}; "
+            "only observed variables may depend on it."
+        )
+    deps = tuple(rv for rv in model.observed_RVs if _depends_on(rv, label))
+    if not deps:
+        raise ModelStructureError(
+            f"label {label.name!r} has no observed dependent: no observed variable's "
+            "parameters are indexed by it, so EM has nothing to explain."
+        )
+    for dep in deps:
+        dep_shape = _static_shape(dep)
+        if not dep_shape or dep_shape[0] != shape[0]:
+            raise ModelStructureError(
+                f"observed {dep.name!r} has shape {dep_shape} but label {label.name!r} has "
+                f"shape {shape}; the first axis of every dependent must be the observation axis."
+            )
+    return MixtureGraph(
+        model=model,
+        kind="label",
+        label_name=label.name,
+        n_components=len(domain),
+        n_obs=shape[0],
+        label_rv=label,
+        dependents=deps,
+        other_observed=tuple(rv for rv in model.observed_RVs if rv not in deps),
+        params=tuple(rv for rv in model.free_RVs if rv is not label),
+    )
+
+
+def _analyse_mixture(model: pm.Model, mix: TensorVariable) -> MixtureGraph:
+    discrete = [rv for rv in model.free_RVs if _is_discrete(rv)]
+    if discrete:
+        raise ModelStructureError(
+            f"the model has a pm.Mixture likelihood {mix.name!r} and also discrete latent "
+            f"variables {[rv.name for rv in discrete]}; ppl_em supports exactly one label."
+        )
+    _, weights, *components = mix.owner.inputs
+    n_comp = len(components) if len(components) > 1 else _static_shape(weights)[-1]
+    support_ndim = components[0].owner.op.ndim_supp
+    batch = _static_shape(mix)[: mix.ndim - support_ndim]
+    return MixtureGraph(
+        model=model,
+        kind="mixture",
+        label_name=f"{mix.name}_component",
+        n_components=int(n_comp),
+        n_obs=int(np.prod(batch)) if batch else 1,
+        label_rv=None,
+        dependents=(mix,),
+        other_observed=tuple(rv for rv in model.observed_RVs if rv is not mix),
+        params=tuple(model.free_RVs),
+    )
+
+
+def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> MixtureGraph:
+    """Find the mixture in ``model`` (or the model on the context stack).
+
+    ``latent`` names the label (a free Categorical/Bernoulli) or the observed
+    ``pm.Mixture`` variable; without it the single discrete free variable, or else the
+    single Mixture likelihood, is used.
+    """
+    model = pm.modelcontext(model)
+    _check_observed_finite(model)
+    target = _find_target(model, latent)
+    if target in model.observed_RVs:
+        if not isinstance(target.owner.op, MixtureRV):
+            raise ModelStructureError(
+                f"latent={target.name!r} is an observed {type(target.owner.op).__name__}, "
+                f"not a pm.Mixture; name the label ({SUPPORTED_LABELS}) or a Mixture likelihood."
+            )
+        graph = _analyse_mixture(model, target)
+    else:
+        graph = _analyse_label(model, target)
+    if graph.n_components > graph.n_obs:
+        raise ModelStructureError(
+            f"the mixture has K={graph.n_components} components but only N={graph.n_obs} "
+            "observations; use fewer components (n_components <= N)."
+        )
+    return graph

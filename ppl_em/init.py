@@ -1,0 +1,116 @@
+"""Starting points: the user's ``start`` or a data-driven, non-symmetric default.
+
+Identical components are a fixed point of EM, and PyMC's default initial point makes
+all components identical. The default start therefore partitions the observations
+(quantiles along the data's first principal axis; k-means++ seeds for restarts),
+turns the partition into soft responsibilities and takes one M-step from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ppl_em.compile import EMFunctions
+from ppl_em.errors import StartError
+from ppl_em.mstep import MStepConfig, mstep
+
+# Soft partition: the assigned component gets 1 - EPS of each observation, so no
+# component starts with zero weight.
+EPS = 0.1
+
+
+def data_features(functions: EMFunctions) -> np.ndarray:
+    """The observed values each label explains, one row per observation, standardised."""
+    graph = functions.graph
+    data = dict(zip(functions.data_names, functions.data, strict=True))
+    cols = [
+        np.asarray(data[rv.name], dtype=float).reshape(graph.n_obs, -1)
+        for rv in graph.dependents
+        if rv.name in data
+    ]
+    if not cols:
+        return np.arange(graph.n_obs, dtype=float)[:, None]
+    x = np.concatenate(cols, axis=1)
+    sd = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+
+def partition(features: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Hard labels: quantile blocks along the first principal axis, or k-means++ seeds."""
+    n = features.shape[0]
+    if rng is None:
+        _, _, vt = np.linalg.svd(features - features.mean(axis=0), full_matrices=False)
+        order = np.argsort(features @ vt[0], kind="stable")
+        labels = np.empty(n, dtype=int)
+        labels[order] = np.arange(n) * k // n
+        return labels
+    centres = [features[rng.integers(n)]]
+    for _ in range(1, k):
+        d2 = np.min([np.sum((features - c) ** 2, axis=1) for c in centres], axis=0)
+        total = d2.sum()
+        probs = d2 / total if total > 0 else np.full(n, 1.0 / n)
+        centres.append(features[rng.choice(n, p=probs)])
+    dist = np.stack([np.sum((features - c) ** 2, axis=1) for c in centres], axis=1)
+    return np.argmin(dist, axis=1)
+
+
+def soft_responsibilities(labels: np.ndarray, k: int) -> np.ndarray:
+    gamma = np.full((labels.size, k), EPS / k)
+    gamma[np.arange(labels.size), labels] += 1.0 - EPS
+    return gamma
+
+
+def initial_u(functions: EMFunctions) -> np.ndarray:
+    """PyMC's initial point, flattened; non-finite entries (e.g. ordered) set to 0."""
+    point = functions.graph.model.initial_point()
+    layout = functions.layout
+    u = np.concatenate([np.reshape(point[n], -1) for n in layout.value_names] or [[]])
+    return np.where(np.isfinite(u), u, 0.0).astype(float)
+
+
+def default_start(
+    functions: EMFunctions, config: MStepConfig, rng: np.random.Generator | None
+) -> np.ndarray:
+    """One M-step from a partition of the data (deterministic when ``rng`` is None)."""
+    k = functions.graph.n_components
+    gamma = soft_responsibilities(partition(data_features(functions), k, rng), k)
+    return mstep(functions, config, initial_u(functions), gamma)
+
+
+def apply_start(functions: EMFunctions, start: Mapping, u: np.ndarray) -> np.ndarray:
+    """Overwrite ``u`` with user values given in the constrained space by variable name."""
+    layout = functions.layout
+    if not isinstance(start, Mapping):
+        raise StartError(
+            f"start must be a dict of variable name -> value, got {type(start).__name__}."
+        )
+    current = dict(zip(layout.rv_names, functions.constrain(u), strict=True))
+    for name, value in start.items():
+        if name not in current:
+            hint = ""
+            if name in layout.value_names:
+                rv = layout.rv_names[layout.value_names.index(name)]
+                hint = f" Give it by its constrained name {rv!r}, in the constrained space."
+            raise StartError(
+                f"start has unknown variable {name!r}; the free parameters are "
+                f"{list(layout.rv_names)}.{hint}"
+            )
+        arr = np.asarray(value, dtype=float)
+        if arr.shape != np.shape(current[name]):
+            raise StartError(
+                f"start[{name!r}] has shape {arr.shape} but {name!r} has shape "
+                f"{np.shape(current[name])}."
+            )
+        current[name] = arr
+    forward = functions.unconstrain(u, *(current[n] for n in layout.rv_names))
+    out = np.concatenate([np.reshape(f, -1) for f in forward]).astype(float)
+    for name, sl in zip(layout.rv_names, layout.slices, strict=True):
+        if name in start and not np.all(np.isfinite(out[sl])):
+            raise StartError(
+                f"start[{name!r}] = {np.asarray(start[name]).tolist()} is outside the support "
+                f"of {name!r} (its prior is {functions.graph.model[name].owner.op.name}); "
+                "give a value strictly inside it."
+            )
+    return out

@@ -1,0 +1,25 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def seed_coin():
+    """The seed's 3-coin worked example (Tables 6.1-6.4)."""
+    with open(SHARED / "reference" / "seed_coin_example.json") as fh:
+        return json.load(fh)
+
+
+def assert_monotone(history, rel=1e-9):
+    """EM never decreases its objective beyond round-off."""
+    history = np.asarray(history)
+    slack = rel * np.maximum(1.0, np.abs(history[1:]))
+    assert np.all(np.diff(history) >= -slack), np.diff(history).min()
