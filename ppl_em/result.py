@@ -35,6 +35,8 @@ class EMResult:
     unconstrained: np.ndarray
     functions: EMFunctions = field(repr=False)
     objectives_per_init: tuple[float, ...] = ()
+    # Findings about the fit (empty or identical components, collapse, ...), by name.
+    diagnostics: dict = field(default_factory=dict)
 
     @property
     def responsibilities(self) -> np.ndarray:
