@@ -91,6 +91,9 @@ def _param_slot(expr, graph: MixtureGraph, k: int | None):
         base, idx = (_strip(v) for v in expr.owner.inputs)
         if idx is graph.label_rv and base in params and base.type.shape == (K,):
             return tuple((base, j) for j in range(K)), inverse
+        if idx is graph.label_rv and not inverse and not set(ancestors([base])) & params:
+            # A known per-component constant such as sigma_known[z]: shape (1, K).
+            return np.asarray(constant_fold([base])[0])[None, :]
         return None
     if isinstance(op, Subtensor) and k is not None and len(expr.owner.inputs) == 2:
         base = _strip(expr.owner.inputs[0])
@@ -207,6 +210,9 @@ def _family_block(graph: MixtureGraph, dists: list, data_name: str) -> Block | s
             slots[name] = Slot(refs=refs, inverse=found[0][1])
         else:
             consts[name] = found[0] if batched else np.stack(found, axis=-1)
+    per_obs = [n for n, c in consts.items() if graph.kind == "label" and c.ndim and c.shape[0] > 1]
+    if family == "normal" and per_obs:
+        return f"its constant {per_obs[0]!r} varies by observation (not by component)"
     priors = {n: prior_of(s.refs[0][0], "map") for n, s in slots.items()}
     return Block(family, data_name, slots, consts, priors)
 

@@ -54,7 +54,7 @@ def test_one_em_step_matches_seed_tables(coin_functions, seed_coin, mstep):
 
 def test_fit_public_api_on_coin(seed_coin):
     x = np.array(seed_coin["data"])
-    with coin_label(x):
+    with coin_label(x), pytest.warns(ppl_em.ConvergenceWarning):
         res = ppl_em.fit(
             start={"w": seed_coin["initial"]["w"], "p": seed_coin["initial"]["phi"]},
             max_iter=1,
