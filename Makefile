@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-slow lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) models/seed_demo.py
+	@# EM against find_MAP and NUTS, with an HTML report per seed model (modest draws).
+	$(VENV)/bin/ppl-em compare coin --out reports/coin --draws 300 --tune 300 --chains 2 --force
+	$(VENV)/bin/ppl-em compare exponential --out reports/exponential --draws 300 --tune 300 --chains 2 --force
+	@echo "Reports: reports/coin/index.html reports/exponential/index.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ppl_em tests models benchmarks
@@ -28,6 +32,12 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -ra
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -ra -m slow
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache

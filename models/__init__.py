@@ -1,1 +1,28 @@
-"""Example mixture models users can run; each module has ``build_model`` and ``default_data``."""
+"""Example mixture models users can run.
+
+Each module has ``build_model(data=None, k=K_DEFAULT) -> pm.Model``, ``default_data()``
+(fixed seed), ``DESCRIPTION``, ``K_DEFAULT``, ``WELL_IDENTIFIED`` and, when the data are
+simulated, ``TRUE_PARAMS`` (free-variable name -> true value, component axis first).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from models import (
+    coin,
+    exponential,
+    gaussian_1d,
+    gaussian_2d,
+    poisson_counts,
+    regression_mixture,
+)
+
+MODELS: dict[str, ModuleType] = {
+    "coin": coin,
+    "exponential": exponential,
+    "gaussian_1d": gaussian_1d,
+    "poisson_counts": poisson_counts,
+    "gaussian_2d": gaussian_2d,
+    "regression_mixture": regression_mixture,
+}

@@ -8,6 +8,7 @@ from ppl_em.compile import EMFunctions, FlatLayout, build_em_functions  # noqa: 
 from ppl_em.em import EMRun, EMState, em_init, em_step, run_em  # noqa: E402
 from ppl_em.errors import (  # noqa: E402
     ClosedFormUnavailableError,
+    CollapseError,
     ConvergenceWarning,
     DataError,
     ModelStructureError,
@@ -22,10 +23,12 @@ from ppl_em.init import apply_start, default_start  # noqa: E402
 from ppl_em.mstep import MStepConfig, closed_step, make_mstep_config, mstep, numeric_step  # noqa: E402
 from ppl_em.recognise import ClosedFormPlan, build_plan  # noqa: E402
 from ppl_em.result import EMResult  # noqa: E402
+from ppl_em.validate import with_data  # noqa: E402
 
 __all__ = [
     "ClosedFormPlan",
     "ClosedFormUnavailableError",
+    "CollapseError",
     "ConvergenceWarning",
     "DataError",
     "EMFunctions",
@@ -56,4 +59,5 @@ __all__ = [
     "objective_graphs",
     "prepare",
     "run_em",
+    "with_data",
 ]

@@ -16,13 +16,16 @@ prior term is dropped (``a = b = 1``, ``rate = 0``, flat ``mu``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ppl_em.recognise import Block, ClosedFormPlan
 
 # A component that owns no observation would get a weight or a rate of exactly 0 or
-# inf, which no transform maps back to a finite unconstrained value.
-_TINY = 1e-300
+# inf, which no transform maps back to a finite unconstrained value. The smallest normal
+# float, not 1e-300: data near 1e300 have legitimate rates below 1e-300.
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def _hyper(block: Block, name: str, mode: str, default: tuple) -> tuple:
@@ -41,7 +44,10 @@ def _per_cell(value: np.ndarray, n_obs: int, n_comp: int, kind: str) -> np.ndarr
 
 
 def _weights(block: Block, gamma: np.ndarray, mode: str) -> np.ndarray:
-    nk = gamma.sum(axis=0)
+    return _weights_from_nk(block, gamma.sum(axis=0), mode)
+
+
+def _weights_from_nk(block: Block, nk: np.ndarray, mode: str) -> np.ndarray:
     if block.family == "bernoulli_label":
         a, b = _hyper(block, "p", mode, (1.0, 1.0))
         return np.clip((nk[1] + a - 1) / (nk.sum() + a + b - 2), _TINY, 1 - 1e-16)[None]
@@ -70,25 +76,48 @@ def _family(block: Block, gamma: np.ndarray, x: np.ndarray, mode: str, kind: str
     return _normal(block, gamma, x, nk, sk, mode, kind)
 
 
-def _normal(block, gamma, x, nk, sk, mode, kind) -> dict:
-    out = {}
+def _normal_mean(block, nk, sk, mode, kind, shape) -> tuple[np.ndarray, dict]:
+    """The Normal mean update shared by both M-step paths: ``(mu, {"mu": ...} or {})``.
+
+    With a fixed sigma and a Normal prior on mu it is the precision-weighted mean;
+    otherwise the responsibility-weighted mean (or the fixed mean, if mu is constant).
+    """
     if "sigma" in block.consts:
-        sigma = _per_cell(block.consts["sigma"], *gamma.shape, kind)[0]
+        sigma = _per_cell(block.consts["sigma"], *shape, kind)[0]
         prior = block.priors.get("mu")
         if mode == "map" and prior is not None and prior[0] == "normal":
             m0, s0 = (np.asarray(h, dtype=float) for h in prior[1:])
-            prec = 1 / s0**2 + nk / sigma**2
-            out["mu"] = (m0 / s0**2 + sk / sigma**2) / prec
-            return out
-    mu = sk / nk
+            mu = (m0 / s0**2 + sk / sigma**2) / (1 / s0**2 + nk / sigma**2)
+            return mu, {"mu": mu}
     if "mu" in block.slots:
-        out["mu"] = mu
-    else:
-        mu = _per_cell(block.consts["mu"], *gamma.shape, kind)[0]
+        mu = sk / nk
+        return mu, {"mu": mu}
+    return _per_cell(block.consts["mu"], *shape, kind)[0], {}
+
+
+def _normal(block, gamma, x, nk, sk, mode, kind) -> dict:
+    mu, out = _normal_mean(block, nk, sk, mode, kind, gamma.shape)
     if "sigma" in block.slots:
-        var = np.einsum("ik,ik->k", gamma, (x[:, None] - mu[None, :]) ** 2) / nk
-        out["sigma"] = np.sqrt(np.maximum(var, _TINY))
+        out["sigma"] = _normal_sigma(gamma, x, mu, nk, float(block.consts.get("reg_covar", 0.0)))
     return out
+
+
+def _normal_sigma(gamma, x, mu, nk, reg_covar) -> np.ndarray:
+    """``sqrt(sum_i gamma_ik (x_i - mu_k)^2 / N_k + reg_covar)`` without squaring the data.
+
+    Squaring overflows for data near 1e300 and underflows near 1e-300, so the deviations
+    are scaled by their largest magnitude first. ``reg_covar`` is scikit-learn's floor
+    on each component variance (set by ``fit(reg_covar=...)``); it keeps a component
+    that owns a single point from collapsing to sigma = 0.
+    """
+    dev = x[:, None] - mu[None, :]
+    scale = np.max(np.abs(np.where(gamma > 0, dev, 0.0)), axis=0)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    sd = scale * np.sqrt(np.einsum("ik,ik->k", gamma, (dev / scale) ** 2) / nk)
+    if reg_covar > 0:
+        sd = np.hypot(sd, np.sqrt(reg_covar))
+    # The smallest normal float, not _TINY: data near 1e-300 have legitimately tiny sigma.
+    return np.maximum(sd, np.finfo(float).tiny)
 
 
 def closed_form_update(
@@ -111,6 +140,131 @@ def closed_form_update(
         else:
             x = np.asarray(data[block.data_name], dtype=float).reshape(gamma.shape[0])
             values = _family(block, gamma, x, mode, kind)
+        for name, per_comp in values.items():
+            for (rv, j), v in zip(block.slots[name].refs, per_comp, strict=True):
+                new[rv.name].reshape(-1)[j] = v
+    return {name: new[name] for name in plan.closed}
+
+
+class StatsRequest(NamedTuple):
+    """What the fused E-step must accumulate for the closed-form blocks.
+
+    ``columns[m]`` is a per-observation float64 vector (observed values, or per-observation
+    Binomial trials); ``centres[m, k]`` centres its second moment. ``index`` maps
+    ``(block number, role)`` with role ``"x"`` or ``"n"`` to the column.
+    """
+
+    columns: tuple[np.ndarray, ...]
+    centres: np.ndarray
+    index: dict[tuple[int, str], int]
+
+
+def _component_values(block: Block, name: str, params: dict) -> np.ndarray:
+    """Component k's current constrained value of slot ``name``."""
+    return np.array([np.reshape(params[rv.name], -1)[j] for rv, j in block.slots[name].refs])
+
+
+def stats_request(
+    plan: ClosedFormPlan,
+    data: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    n_obs: int,
+    n_comp: int,
+    kind: str,
+) -> StatsRequest | None:
+    """Columns and centres for :func:`closed_form_from_stats`, or None when some block
+    needs more than per-component weighted sums (then the M-step uses full gamma)."""
+    columns, centres, index = [], [], {}
+    for b, block in enumerate(plan.blocks):
+        if block.data_name is None:
+            continue
+        if block.data_name not in data or np.size(data[block.data_name]) != n_obs:
+            return None
+        index[(b, "x")] = len(columns)
+        columns.append(np.asarray(data[block.data_name], dtype=float).reshape(n_obs))
+        centre = np.zeros(n_comp)
+        if block.family == "normal":
+            centre = (
+                _component_values(block, "mu", params)
+                if "mu" in block.slots
+                else _per_cell(block.consts["mu"], n_obs, n_comp, kind)[0]
+            )
+        centres.append(centre)
+        if block.family == "binomial":
+            n = np.asarray(block.consts["n"], dtype=float)
+            if n.ndim == 1 and n.shape[0] == n_obs and kind == "label":
+                index[(b, "n")] = len(columns)
+                columns.append(n)
+                centres.append(np.zeros(n_comp))
+            elif n.size not in (1, n_comp):
+                return None
+    return StatsRequest(tuple(columns), np.array(centres).reshape(len(columns), n_comp), index)
+
+
+def _normal_from_stats(block: Block, nk, sk, qk, centre, mode, shape, kind) -> dict | None:
+    """``_normal`` from statistics: the weighted variance about the new mean is the
+    moment about the centre minus the squared shift (exact, no N x K temporaries).
+
+    Returns None when that is not accurate in float64 (the moment overflowed or
+    underflowed, or the mean moved so far that the subtraction cancels); the caller then
+    uses ``_normal`` on the full responsibilities.
+    """
+    mu, out = _normal_mean(block, nk, sk, mode, kind, shape)
+    if "sigma" in block.slots:
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            moment, shift2 = qk / nk, (mu - centre) ** 2
+            var = moment - shift2
+        accurate = np.all(np.isfinite(moment)) and np.all((moment > 1e-200) & (moment < 1e200))
+        if not (accurate and np.all(shift2 <= 1e6 * var)):
+            return None
+        # Same floors as _normal_sigma: sqrt(var + reg_covar), at least the smallest float.
+        var = var + float(block.consts.get("reg_covar", 0.0))
+        out["sigma"] = np.maximum(np.sqrt(var), np.finfo(float).tiny)
+    return out
+
+
+def _family_from_stats(block, nk_raw, stats, request, b, mode, shape, kind) -> dict | None:
+    nk = np.maximum(nk_raw, _TINY)
+    col = request.index[(b, "x")]
+    sk, qk = stats.s[col], stats.q[col]
+    fam = block.family
+    if fam in ("binomial", "bernoulli"):
+        if (b, "n") in request.index:
+            trials = stats.s[request.index[(b, "n")]]
+        else:
+            trials = np.asarray(block.consts.get("n", 1.0), dtype=float).reshape(-1) * nk_raw
+        a, bb = _hyper(block, "p", mode, (1.0, 1.0))
+        return {"p": np.clip((sk + a - 1) / (trials + a + bb - 2), _TINY, 1 - 1e-16)}
+    if fam == "poisson":
+        a, rate = _hyper(block, "mu", mode, (1.0, 0.0))
+        return {"mu": np.maximum((sk + a - 1) / (nk + rate), _TINY)}
+    if fam == "exponential":
+        a, rate = _hyper(block, "scale", mode, (1.0, 0.0))
+        lam = np.maximum((nk + a - 1) / (sk + rate), _TINY)
+        return {"scale": lam if block.slots["scale"].inverse else 1.0 / lam}
+    return _normal_from_stats(block, nk, sk, qk, request.centres[col], mode, shape, kind)
+
+
+def closed_form_from_stats(
+    plan: ClosedFormPlan,
+    stats,
+    request: StatsRequest,
+    params: dict[str, np.ndarray],
+    mode: str,
+    kind: str,
+    n_obs: int,
+) -> dict[str, np.ndarray] | None:
+    """:func:`closed_form_update` from a fused E-step's :class:`~ppl_em.estep.EStepStats`;
+    None when the statistics cannot give it accurately (use the full-gamma update)."""
+    new = {name: np.array(value, dtype=float) for name, value in params.items()}
+    shape = (n_obs, stats.nk.shape[0])
+    for b, block in enumerate(plan.blocks):
+        if block.data_name is None:
+            values = {next(iter(block.slots)): _weights_from_nk(block, stats.nk, mode)}
+        else:
+            values = _family_from_stats(block, stats.nk, stats, request, b, mode, shape, kind)
+            if values is None:
+                return None
         for name, per_comp in values.items():
             for (rv, j), v in zip(block.slots[name].refs, per_comp, strict=True):
                 new[rv.name].reshape(-1)[j] = v

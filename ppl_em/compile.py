@@ -3,7 +3,16 @@
 Parameters live in one flat float64 vector ``u`` over the unconstrained value
 variables (the space ``pm.find_MAP`` optimises in). Observed data are inputs of the
 compiled functions, not constants baked into them, so fitting a new dataset of the
-same shape reuses the compiled code; the arrays to pass are in ``EMFunctions.data``.
+same shape reuses the compiled code; the arrays to pass are in ``EMFunctions.data``
+and ``ppl_em.with_data`` swaps in a new dataset without compiling anything.
+
+One compiled graph, ``joint_terms``, serves every E-step: the N x K joint plus two
+scalars. Log-responsibilities, the log-likelihood and the expected sufficient
+statistics come from one NumPy/numba pass over it (:func:`ppl_em.estep.fused_estep`),
+which measured several times faster than PyTensor's own logsumexp/softmax reductions on
+an N x K matrix with small K. Functions not every fit needs (Q and its gradient) are
+compiled on first use, which keeps a cold start of a closed-form model to three
+compilations.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ from typing import NamedTuple
 import numpy as np
 import pytensor.tensor as pt
 from pymc.pytensorf import compile as pymc_compile
+from pytensor.compile.mode import Mode, get_mode
 from pytensor.graph.replace import graph_replace
+from pytensor.link.vm import VMLinker
 from pytensor.tensor import TensorConstant, TensorVariable
 
-from ppl_em.estep import objective_graphs
+from ppl_em.estep import fused_estep, objective_graphs
 from ppl_em.graph import MixtureGraph, observed_data
 
 MODES = ("map", "mle")
@@ -49,6 +60,8 @@ class EMFunctions(NamedTuple):
     - ``constrain(u) -> [param values]`` in the order of ``layout.rv_names``
     - ``unconstrain(u, *params) -> [unconstrained values]``; ``u`` supplies the values
       of parameters that other transforms depend on.
+    - ``joint_terms(u, *data) -> (L.T[K, N], extra_loglik, logprior)``, the one compiled
+      graph behind ``estep`` and ``joint``.
     """
 
     graph: MixtureGraph
@@ -61,14 +74,67 @@ class EMFunctions(NamedTuple):
     q_and_grad: Callable
     constrain: Callable
     unconstrain: Callable
+    joint_terms: Callable | None = None
+
+
+BACKENDS = ("auto", "c", "numba", "python")
+# Below this many cells (N x K) the E-step is fast in any backend, and compiling C code
+# (tens of seconds on a cold cache) would dominate the fit: use NumPy-backed Ops.
+SMALL_CELLS = 200_000
+
+
+def backend_mode(backend: str) -> Mode:
+    """PyTensor mode of a backend: ``"c"`` PyTensor's C code (slow first compile, cached),
+    ``"numba"`` numba JIT, ``"python"`` each Op's NumPy implementation with the full
+    graph rewrites except fusion (a fused Composite would run as a Python scalar loop)."""
+    if backend == "c":
+        return get_mode("FAST_RUN")
+    if backend == "numba":
+        return get_mode("NUMBA")
+    if backend == "python":
+        return Mode(VMLinker(use_cloop=False, c_thunks=False), "fast_run").excluding("fusion")
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+
+
+class LazyFunction:
+    """A PyTensor function compiled on its first call (many fits never need it)."""
+
+    def __init__(self, inputs: list, outputs: list | TensorVariable, mode: Mode) -> None:
+        self._graph = (inputs, outputs, mode)
+        self._fn: Callable | None = None
+
+    def __call__(self, *args):
+        if self._fn is None:
+            inputs, outputs, mode = self._graph
+            self._fn = pymc_compile(inputs, outputs, mode=mode, on_unused_input="ignore")
+        return self._fn(*args)
+
+
+def _estep_from_joint(joint_terms: Callable) -> Callable:
+    def estep(u, *data):
+        joint_t, extra, logprior = joint_terms(u, *data)
+        log_resp, loglik, _ = fused_estep(joint_t)
+        return log_resp, loglik + float(extra), logprior
+
+    return estep
+
+
+def _joint_from_terms(joint_terms: Callable) -> Callable:
+    def joint(u, *data):
+        return joint_terms(u, *data)[0].T
+
+    return joint
 
 
 def _layout(graph: MixtureGraph) -> FlatLayout:
-    point = graph.model.initial_point()
+    values = [graph.value_var(rv) for rv in graph.params]
+    # Static shapes when PyMC knows them: model.initial_point() compiles a function.
+    static = all(None not in v.type.shape for v in values)
+    point = None if static else graph.model.initial_point()
     value_names, shapes, slices, start = [], [], [], 0
-    for rv in graph.params:
-        name = graph.value_var(rv).name
-        shape = tuple(np.shape(point[name]))
+    for value in values:
+        name = value.name
+        shape = tuple(value.type.shape) if static else tuple(np.shape(point[name]))
         size = int(np.prod(shape))
         value_names.append(name)
         shapes.append(shape)
@@ -122,10 +188,23 @@ def _transform_graphs(graph: MixtureGraph, flat_replace: dict) -> tuple[list, li
     return constrained, inputs, forward
 
 
-def build_em_functions(graph: MixtureGraph, mode: str = "map") -> EMFunctions:
-    """Compile everything one EM fit of ``graph`` needs (the slow, once-per-model part)."""
+def build_em_functions(
+    graph: MixtureGraph, mode: str = "map", backend: str = "auto"
+) -> EMFunctions:
+    """Compile everything one EM fit of ``graph`` needs (the slow, once-per-model part).
+
+    ``backend`` (see :func:`backend_mode`): ``"auto"`` is ``"python"`` for at most
+    ``SMALL_CELLS`` observation-component cells and ``"c"`` above, for the E-step graph;
+    the small parameter transforms always use ``"python"``, Q and its gradient ``"c"``
+    unless ``backend`` names one explicitly.
+    """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}: 'map' adds the log prior.")
+    q_mode = backend_mode("c" if backend == "auto" else backend)
+    if backend == "auto":
+        small = graph.n_obs * graph.n_components <= SMALL_CELLS
+        backend = "python" if small else "c"
+    big, tiny = backend_mode(backend), backend_mode("python")
     layout = _layout(graph)
     flat = pt.vector("u", dtype="float64")
     gamma = pt.matrix("gamma", dtype="float64")
@@ -134,27 +213,28 @@ def build_em_functions(graph: MixtureGraph, mode: str = "map") -> EMFunctions:
 
     pieces = objective_graphs(graph)
     joint, extra, logprior = graph_replace(list(pieces), replace, strict=False)
-    row_ll = pt.logsumexp(joint, axis=1, keepdims=True)
-    log_resp = joint - row_ll
-    loglik = pt.sum(row_ll) + extra
     # 0 * -inf is NaN: a component with zero responsibility contributes nothing.
     expected = pt.sum(pt.switch(pt.gt(gamma, 0), gamma * joint, 0.0)) + extra
     q = expected + logprior if mode == "map" else expected
 
     constrained, param_inputs, forward = _transform_graphs(graph, replace)
 
-    def fn(inputs, outputs):
-        return pymc_compile(inputs, outputs, on_unused_input="ignore")
-
+    # K x N: the label's graph is built that way, and PyTensor lifts the transpose into
+    # a Mixture's elementwise graph, so the fused E-step reads contiguous rows.
+    joint_terms = LazyFunction([flat, *data_inputs], [joint.T, extra, logprior], big)
     return EMFunctions(
         graph=graph,
         mode=mode,
         layout=layout,
         data_names=data_names,
         data=data,
-        estep=fn([flat, *data_inputs], [log_resp, loglik, logprior]),
-        joint=fn([flat, *data_inputs], joint),
-        q_and_grad=fn([flat, gamma, *data_inputs], [q, pt.grad(q, flat)]),
-        constrain=fn([flat], constrained),
-        unconstrain=fn([flat, *param_inputs], forward),
+        estep=_estep_from_joint(joint_terms),
+        joint=_joint_from_terms(joint_terms),
+        # Q's gradient graph (numeric M-steps only, evaluated dozens of times per
+        # iteration) is C even for small data: NumPy-backed Blockwise gradients of
+        # multivariate logps measured 100x slower.
+        q_and_grad=LazyFunction([flat, gamma, *data_inputs], [q, pt.grad(q, flat)], q_mode),
+        constrain=LazyFunction([flat], constrained, tiny),
+        unconstrain=LazyFunction([flat, *param_inputs], forward, tiny),
+        joint_terms=joint_terms,
     )

@@ -29,3 +29,7 @@ class ConvergenceWarning(UserWarning):
 
 class NonMonotoneWarning(UserWarning):
     """The EM objective decreased by more than round-off between two iterations."""
+
+
+class CollapseError(PplEmError, ArithmeticError):
+    """A component shrank onto a point: the likelihood is unbounded there (names remedies)."""

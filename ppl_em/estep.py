@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import pytensor.tensor as pt
 from pymc.logprob.basic import logp as rv_logp
 from pytensor.graph import vectorize_graph
@@ -101,3 +102,80 @@ def objective_graphs(graph: MixtureGraph) -> ObjectiveGraphs:
         extra_loglik=pt.cast(_total(extra_terms), "float64"),
         logprior=pt.cast(_total(prior_terms), "float64"),
     )
+
+
+class EStepStats(NamedTuple):
+    """Expected sufficient statistics of one E-step, from :func:`fused_estep`.
+
+    ``nk[k] = sum_i gamma_ik``; for each per-observation column ``v_m``,
+    ``s[m, k] = sum_i gamma_ik v_mi`` and ``q[m, k] = sum_i gamma_ik (v_mi - c_mk)^2``
+    about the centres ``c`` passed in (centring near the new mean keeps the variance
+    free of the cancellation that ``sum gamma x^2 - N mean^2`` suffers).
+    """
+
+    nk: np.ndarray
+    s: np.ndarray
+    q: np.ndarray
+
+
+# Columns per chunk: K x 32768 float64 stay in cache across the dozen NumPy passes a
+# chunk needs, while the per-call overhead (~1 us each) stays small next to the work;
+# measured at N=10^6, K=3: 4096 -> 19 ms, 8192 -> 17 ms, 16384..65536 -> 15 ms.
+CHUNK = 32768
+
+
+def _chunk_stats(block, cols, centres, out, scratch) -> float:
+    """E-step on one K x n block of the transposed joint, in place; returns its loglik."""
+    nk, s, q = out
+    mx, tot, e, dev = scratch
+    n = block.shape[1]
+    mx, tot, e, dev = mx[:n], tot[:n], e[:, :n], dev[:, :n]
+    np.max(block, axis=0, out=mx)
+    np.subtract(block, mx, out=e)
+    np.exp(e, out=e)
+    np.sum(e, axis=0, out=tot)
+    lse = np.log(tot)
+    lse += mx
+    np.subtract(block, lse, out=block)
+    e /= tot
+    nk += e.sum(axis=1)
+    for c, v in enumerate(cols):
+        s[c] += e @ v
+        np.subtract(v, centres[c][:, None], out=dev)
+        # At extreme scales the square overflows; the M-step sees the non-finite moment
+        # and falls back to the direct two-pass variance, so the warning is noise.
+        with np.errstate(over="ignore"):
+            dev *= dev
+        q[c] += np.einsum("kn,kn->k", e, dev)
+    return float(lse.sum())
+
+
+def fused_estep(
+    joint_t: np.ndarray, cols: tuple[np.ndarray, ...] = (), centres: np.ndarray | None = None
+) -> tuple[np.ndarray, float, EStepStats]:
+    """One pass over the K x N transposed joint: log-responsibilities, log-likelihood and
+    the weighted sums of ``cols`` (float64 vectors of length N) about ``centres`` (M x K).
+
+    ``joint_t`` is overwritten with the log-responsibilities and returned transposed, as
+    the N x K view, so an E-step allocates no N x K array besides the graph's output. The
+    K x N layout makes every step a contiguous SIMD loop; cache-sized chunks make the
+    dozen passes cost little more than one. This measured 2-4x faster than the same
+    per-row loop compiled with numba (whose scalar ``exp`` is not vectorised) and several
+    times faster than PyTensor's logsumexp and sums over the N x K matrix.
+    """
+    joint_t = np.require(joint_t, dtype=np.float64, requirements=("C", "W"))
+    k, n = joint_t.shape
+    cols = tuple(np.ascontiguousarray(c, dtype=np.float64).reshape(n) for c in cols)
+    m = len(cols)
+    centres = np.zeros((m, k)) if centres is None else np.asarray(centres, float).reshape(m, k)
+    out = (np.zeros(k), np.zeros((m, k)), np.zeros((m, k)))
+    width = min(CHUNK, n)
+    scratch = (np.empty(width), np.empty(width), np.empty((k, width)), np.empty((k, width)))
+    loglik = 0.0
+    # A row no component explains has max -inf and yields NaN responsibilities; the
+    # caller reports it by position, so the arithmetic warnings carry no information.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for a in range(0, n, width):
+            part = tuple(c[a : a + width] for c in cols)
+            loglik += _chunk_stats(joint_t[:, a : a + width], part, centres, out, scratch)
+    return joint_t.T, loglik, EStepStats(*out)

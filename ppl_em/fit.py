@@ -10,11 +10,13 @@ import numpy as np
 import pymc as pm
 
 from ppl_em.compile import EMFunctions, build_em_functions
+from ppl_em.diagnostics import select_run
 from ppl_em.em import EMRun, run_em
 from ppl_em.graph import analyse_model
 from ppl_em.init import apply_start, default_start
 from ppl_em.mstep import MStepConfig, make_mstep_config
 from ppl_em.result import EMResult
+from ppl_em.validate import apply_reg_covar, check_fit_args, check_support, observed_columns
 
 
 class PreparedEM(NamedTuple):
@@ -37,13 +39,16 @@ def prepare(
     return PreparedEM(functions, make_mstep_config(functions, mstep))
 
 
-def _check_args(max_iter: int, tol: float, n_init: int) -> None:
-    if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
-        raise ValueError(f"max_iter={max_iter!r} must be an integer >= 1.")
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol!r} must be a positive finite number, e.g. 1e-8.")
-    if not (isinstance(n_init, int | np.integer) and n_init >= 1):
-        raise ValueError(f"n_init={n_init!r} must be an integer >= 1.")
+def _choose(functions: EMFunctions, runs: list[EMRun]) -> tuple[EMRun, dict]:
+    """Best restart and its diagnostics; collapsed restarts are never chosen."""
+    best_index, diagnostics = select_run(
+        [r.state.objective for r in runs],
+        [functions.joint(r.state.u, *functions.data) for r in runs],
+        [r.state.log_resp for r in runs],
+        observed_columns(functions),
+        ", ".join(repr(rv.name) for rv in functions.graph.dependents),
+    )
+    return runs[best_index], diagnostics
 
 
 def _starts(prepared: PreparedEM, start, n_init: int, random_seed):
@@ -70,6 +75,8 @@ def fit(
     random_seed: int | np.random.Generator | None = None,
     progressbar: bool = True,
     prepared: PreparedEM | None = None,
+    reg_covar: float = 0.0,
+    accelerate: str | None = None,
 ) -> EMResult:
     """Fit the mixture in ``model`` by EM; usable as ``with model: ppl_em.fit()``.
 
@@ -79,19 +86,31 @@ def fit(
     elsewhere; ``"closed"`` insists on closed form; ``"numeric"`` never uses it.
     ``start`` gives values by free-variable name in the constrained space. With
     ``n_init > 1`` the other starts are k-means++ partitions drawn with ``random_seed``
-    and the best objective wins. ``prepared`` (from :func:`prepare`) skips compilation.
+    and the best objective wins. ``prepared`` (from :func:`prepare`) skips compilation;
+    its ``mode``/``mstep`` then apply and the ``latent``/``mode``/``mstep`` arguments
+    are not used.
+    ``reg_covar`` (>= 0) is added to each closed-form Normal component variance, as in
+    scikit-learn, against collapse. ``result.diagnostics`` reports empty, identical and
+    collapsed components (docs/failure-modes.md); collapsed restarts are never chosen.
+    ``accelerate="squarem"`` extrapolates EM steps (SQUAREM) to need fewer E-steps.
     """
-    _check_args(max_iter, tol, n_init)
+    check_fit_args(**{k: v for k, v in locals().items() if k != "start"})
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(model, latent=latent, mode=mode, mstep=mstep)
+    prepared = apply_reg_covar(prepared, reg_covar)
     functions = prepared.functions
-    runs: list[EMRun] = [
-        run_em(functions, prepared.config, u, max_iter=max_iter, tol=tol, progressbar=progressbar)
-        for u in _starts(prepared, start, n_init, random_seed)
-    ]
-    objectives = tuple(r.state.objective for r in runs)
-    best = runs[int(np.nanargmax(objectives))]
+    starts = list(_starts(prepared, start, n_init, random_seed))
+    check_support(functions, starts[0])
+    options = dict(max_iter=max_iter, tol=tol, progressbar=progressbar, accelerate=accelerate)
+    runs = [run_em(functions, prepared.config, u, **options) for u in starts]
+    best, diagnostics = _choose(functions, runs)
+    return _result(functions, best, diagnostics, runs, time.perf_counter() - t0)
+
+
+def _result(
+    functions: EMFunctions, best: EMRun, diagnostics: dict, runs: list[EMRun], elapsed: float
+) -> EMResult:
     state = best.state
     values = functions.constrain(state.u)
     return EMResult(
@@ -103,10 +122,11 @@ def fit(
         converged=best.converged,
         monotone=best.monotone,
         log_resp=state.log_resp,
-        elapsed=time.perf_counter() - t0,
+        elapsed=elapsed,
         mode=functions.mode,
         label_name=functions.graph.label_name,
         unconstrained=state.u,
         functions=functions,
-        objectives_per_init=objectives,
+        objectives_per_init=tuple(r.state.objective for r in runs),
+        diagnostics=diagnostics,
     )

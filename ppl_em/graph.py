@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pymc as pm
 from pymc.distributions.mixture import MixtureRV
+from pymc.exceptions import NotConstantValueError
 from pymc.pytensorf import constant_fold
 from pymc_extras.model.marginal.distributions import get_domain_of_finite_discrete_rv
 from pytensor.graph.traversal import ancestors
@@ -53,8 +54,17 @@ def _is_discrete(rv: TensorVariable) -> bool:
     return rv.dtype.startswith(("int", "uint", "bool"))
 
 
-def _static_shape(var: TensorVariable) -> tuple[int, ...]:
-    return tuple(int(s) for s in constant_fold(tuple(var.shape)))
+def _static_shape(var: TensorVariable, model: pm.Model | None = None) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in constant_fold(tuple(var.shape)))
+    except NotConstantValueError:
+        # Observed pm.Data: the shape follows the shared data, not a constant.
+        if model is not None and var in model.observed_RVs:
+            return tuple(observed_data(model, var).shape)
+        raise ModelStructureError(
+            f"the shape of {var.name!r} is not a constant; give it a fixed shape (shape=N) "
+            "so ppl_em can lay out the N x K responsibility matrix."
+        ) from None
 
 
 def _depends_on(rv: TensorVariable, target: TensorVariable) -> bool:
@@ -76,7 +86,7 @@ def _check_observed_finite(model: pm.Model) -> None:
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(data))[0])
             raise DataError(
                 f"observed data of {rv.name!r} are not finite at index {bad} "
-                f"(value {data[bad]!r}): remove or replace NaN/inf entries."
+                f"(value {data[bad].item()!r}): remove or replace NaN/inf entries."
             )
 
 
@@ -89,6 +99,8 @@ def observed_data(model: pm.Model, rv: TensorVariable) -> np.ndarray:
 
 
 def _find_target(model: pm.Model, latent: str | None) -> TensorVariable:
+    if latent is not None and not isinstance(latent, str):
+        raise TypeError(f"latent must be a variable name (str), got {latent!r}.")
     if latent is not None:
         if latent not in model.named_vars:
             raise ModelStructureError(
@@ -158,7 +170,7 @@ def _analyse_label(model: pm.Model, label: TensorVariable) -> MixtureGraph:
             "parameters are indexed by it, so EM has nothing to explain."
         )
     for dep in deps:
-        dep_shape = _static_shape(dep)
+        dep_shape = _static_shape(dep, model)
         if not dep_shape or dep_shape[0] != shape[0]:
             raise ModelStructureError(
                 f"observed {dep.name!r} has shape {dep_shape} but label {label.name!r} has "
@@ -187,7 +199,7 @@ def _analyse_mixture(model: pm.Model, mix: TensorVariable) -> MixtureGraph:
     _, weights, *components = mix.owner.inputs
     n_comp = len(components) if len(components) > 1 else _static_shape(weights)[-1]
     support_ndim = components[0].owner.op.ndim_supp
-    batch = _static_shape(mix)[: mix.ndim - support_ndim]
+    batch = _static_shape(mix, model)[: mix.ndim - support_ndim]
     return MixtureGraph(
         model=model,
         kind="mixture",
@@ -208,6 +220,8 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
     ``pm.Mixture`` variable; without it the single discrete free variable, or else the
     single Mixture likelihood, is used.
     """
+    if model is not None and not isinstance(model, pm.Model):
+        raise TypeError(f"model must be a pm.Model or None, got {type(model).__name__}.")
     model = pm.modelcontext(model)
     _check_observed_finite(model)
     target = _find_target(model, latent)

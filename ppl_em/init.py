@@ -33,8 +33,13 @@ def data_features(functions: EMFunctions) -> np.ndarray:
     if not cols:
         return np.arange(graph.n_obs, dtype=float)[:, None]
     x = np.concatenate(cols, axis=1)
-    sd = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    # Scale by the largest deviation before taking moments: x.std() overflows for data
+    # near 1e300 (and would turn every feature into 0, so the partition ignored the data).
+    centred = x - np.median(x, axis=0)
+    spread = np.max(np.abs(centred), axis=0)
+    z = centred / np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+    sd = z.std(axis=0)
+    return (z - z.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
 
 
 def partition(features: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -79,38 +84,63 @@ def default_start(
     return mstep(functions, config, initial_u(functions), gamma)
 
 
+def _start_value(functions: EMFunctions, name: str, value, current: dict) -> np.ndarray:
+    layout = functions.layout
+    if name not in current:
+        hint = ""
+        if name in layout.value_names:
+            rv = layout.rv_names[layout.value_names.index(name)]
+            hint = f" Give it by its constrained name {rv!r}, in the constrained space."
+        elif name == functions.graph.label_name:
+            hint = " The label is marginalised out by EM and takes no start value."
+        raise StartError(
+            f"start has unknown variable {name!r}; the free parameters are "
+            f"{list(layout.rv_names)}.{hint}"
+        )
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise StartError(f"start[{name!r}] = {value!r} is not numeric: {err}.") from err
+    if arr.shape != np.shape(current[name]):
+        raise StartError(
+            f"start[{name!r}] has shape {arr.shape} but {name!r} has shape "
+            f"{np.shape(current[name])}."
+        )
+    if not np.all(np.isfinite(arr)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise StartError(f"start[{name!r}] is not finite at index {bad}; give finite values.")
+    return arr
+
+
 def apply_start(functions: EMFunctions, start: Mapping, u: np.ndarray) -> np.ndarray:
-    """Overwrite ``u`` with user values given in the constrained space by variable name."""
+    """Overwrite ``u`` with user values given in the constrained space by variable name.
+
+    A value outside the support either maps to a non-finite unconstrained value (p=1.5,
+    sigma<0) or does not map back to itself (weights not summing to 1); both raise.
+    """
     layout = functions.layout
     if not isinstance(start, Mapping):
         raise StartError(
             f"start must be a dict of variable name -> value, got {type(start).__name__}."
         )
     current = dict(zip(layout.rv_names, functions.constrain(u), strict=True))
-    for name, value in start.items():
-        if name not in current:
-            hint = ""
-            if name in layout.value_names:
-                rv = layout.rv_names[layout.value_names.index(name)]
-                hint = f" Give it by its constrained name {rv!r}, in the constrained space."
-            raise StartError(
-                f"start has unknown variable {name!r}; the free parameters are "
-                f"{list(layout.rv_names)}.{hint}"
-            )
-        arr = np.asarray(value, dtype=float)
-        if arr.shape != np.shape(current[name]):
-            raise StartError(
-                f"start[{name!r}] has shape {arr.shape} but {name!r} has shape "
-                f"{np.shape(current[name])}."
-            )
-        current[name] = arr
-    forward = functions.unconstrain(u, *(current[n] for n in layout.rv_names))
-    out = np.concatenate([np.reshape(f, -1) for f in forward]).astype(float)
+    given = {name: _start_value(functions, name, value, current) for name, value in start.items()}
+    current.update(given)
+    with np.errstate(all="ignore"):
+        forward = functions.unconstrain(u, *(current[n] for n in layout.rv_names))
+        out = np.concatenate([np.reshape(f, -1) for f in forward]).astype(float)
+        back = dict(zip(layout.rv_names, functions.constrain(out), strict=True))
     for name, sl in zip(layout.rv_names, layout.slices, strict=True):
-        if name in start and not np.all(np.isfinite(out[sl])):
+        if name not in given:
+            continue
+        round_trip = np.all(np.isfinite(out[sl])) and np.allclose(
+            back[name], given[name], rtol=1e-6, atol=1e-12
+        )
+        if not round_trip:
             raise StartError(
-                f"start[{name!r}] = {np.asarray(start[name]).tolist()} is outside the support "
-                f"of {name!r} (its prior is {functions.graph.model[name].owner.op.name}); "
-                "give a value strictly inside it."
+                f"start[{name!r}] = {given[name].tolist()} is outside the support of {name!r} "
+                f"(its prior is {functions.graph.model[name].owner.op.name}); give a value "
+                "strictly inside it (probabilities in (0, 1), weights positive and summing "
+                "to 1, scales > 0)."
             )
     return out

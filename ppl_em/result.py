@@ -71,6 +71,23 @@ class EMResult:
         """Most probable component of each observation."""
         return np.argmax(self.log_resp, axis=1)
 
+    # Information criteria, lower is better (see ppl_em.criteria); imported lazily
+    # because criteria.py imports this module.
+    def bic(self) -> float:
+        from ppl_em.criteria import bic
+
+        return bic(self)
+
+    def aic(self) -> float:
+        from ppl_em.criteria import aic
+
+        return aic(self)
+
+    def icl(self) -> float:
+        from ppl_em.criteria import icl
+
+        return icl(self)
+
     def joint_logp(self) -> np.ndarray:
         """N x K matrix ``log p(x_i, z_i = k | theta)`` at the estimate."""
         return self.functions.joint(self.unconstrained, *self.functions.data)

@@ -1,0 +1,1 @@
+"""Benchmarks of ppl_em against scikit-learn and PyMC; see README.md."""

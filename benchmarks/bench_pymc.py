@@ -1,0 +1,111 @@
+"""ppl_em's point estimate against PyMC's own tools on the same marginalised model.
+
+Models: 1-D ``pm.NormalMixture``, K=3, Dirichlet(1) weights, and either flat priors on
+means and scales (every M-step update closed-form) or Normal(0, 10) means and
+HalfNormal(5) scales (no conjugate update, so ppl_em's M-step is closed-form for the
+weights and L-BFGS on Q for the rest). Compared:
+
+- ``pm.find_MAP`` (L-BFGS-B on the marginal log posterior, the same objective) from the
+  same start, default settings;
+- NUTS (``pm.sample``, 2 chains x (1000 tune + 1000 draws)), whose cost is what a
+  Bayesian would otherwise pay for a point summary.
+
+Accuracy: the objective reached, against the best of all methods. EM times are the
+median of 3 runs after ``prepare`` (shown on its own row; a numeric M-step's Q gradient
+compiles during the first run, excluded by the median); ``find_MAP`` and NUTS include
+their own compilation with a warm compile cache.
+
+Run: ``python -m benchmarks.bench_pymc [--quick]`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pymc as pm
+
+import ppl_em
+from benchmarks._common import START_1D, gaussian_1d, markdown_table, timed, write_report
+
+
+def model_1d(x: np.ndarray) -> pm.Model:
+    """Normal(0, 10) means and HalfNormal(5) scales: numeric M-step for both."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(3))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=3)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=3)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
+    return model
+
+
+def model_1d_flat(x: np.ndarray) -> pm.Model:
+    """Flat means and scales: every update closed-form (the MAP is the MLE)."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(3))
+        mu = pm.Flat("mu", shape=3)
+        sigma = pm.HalfFlat("sigma", shape=3)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
+    return model
+
+
+def _objective(prepared, point: dict) -> float:
+    f = prepared.functions
+    u = ppl_em.apply_start(f, {k: point[k] for k in f.layout.rv_names}, np.zeros(f.layout.size))
+    _, loglik, logprior = f.estep(u, *f.data)
+    return float(loglik + logprior)
+
+
+def rows_for(n: int, nuts: bool, builder=model_1d) -> list[list]:
+    x = gaussian_1d(n, seed=5)
+    model = builder(x)
+    label = "flat priors, closed form" if builder is model_1d_flat else "Normal/HalfNormal priors"
+    t_prep, prepared = timed(lambda: ppl_em.prepare(model))
+    f = prepared.functions
+    u0 = ppl_em.apply_start(f, START_1D, np.zeros(f.layout.size))
+    ppl_em.em_init(f, u0, prepared.config)  # compile before timing the iterations
+    out = {}
+    for acc in (None, "squarem"):
+        t, run = timed(
+            lambda acc=acc: ppl_em.run_em(*prepared, u0, tol=1e-10, accelerate=acc), repeat=3
+        )
+        out[f"EM ({acc or 'plain'})"] = (t, run.state.objective, run.n_estep)
+    with model:
+        t, point = timed(lambda: pm.find_MAP(start=START_1D, progressbar=False))
+    out["pm.find_MAP"] = (t, _objective(prepared, point), "")
+    if nuts:
+        with model:
+            t, _ = timed(
+                lambda: pm.sample(
+                    1000, tune=1000, chains=2, cores=1, initvals=START_1D, random_seed=1,
+                    progressbar=False, compute_convergence_checks=False,
+                )
+            )  # fmt: skip
+        out["NUTS 2x2000"] = (t, float("nan"), "")
+    best = max(v[1] for v in out.values() if np.isfinite(v[1]))
+    em_time = out["EM (plain)"][0]
+    rows = [
+        [label, n, name, t, t / em_time, obj - best if np.isfinite(obj) else "n/a", steps]
+        for name, (t, obj, steps) in out.items()
+    ]
+    rows.append([label, n, "ppl_em.prepare (once)", t_prep, t_prep / em_time, "", ""])
+    return rows
+
+
+def main(quick: bool = False) -> str:
+    warnings.filterwarnings("ignore")
+    logger = __import__("logging").getLogger("pymc")
+    logger.setLevel("ERROR")
+    rows = rows_for(1000, nuts=True, builder=model_1d_flat) + rows_for(1000, nuts=True)
+    if not quick:
+        rows += rows_for(10**5, nuts=False, builder=model_1d_flat)
+        rows += rows_for(10**5, nuts=False)
+    head = ["model", "N", "method", "seconds", "x EM time", "objective - best", "E-steps"]
+    body = markdown_table(head, rows)
+    write_report("pymc", "ppl_em vs pm.find_MAP and NUTS (same model, same start)", body)
+    return body
+
+
+if __name__ == "__main__":
+    print(main(quick="--quick" in sys.argv))

@@ -1,0 +1,28 @@
+"""Run every benchmark and write the Markdown tables and plots into reports/benchmarks/.
+
+Run: ``make bench`` or ``python -m benchmarks.run_all [--quick]`` from the repository root.
+Each comparison (ppl_em and its reference) runs side by side in one process; the tables
+report ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from benchmarks import bench_pymc, bench_sklearn, bench_startup
+from benchmarks._common import REPORTS
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    for module in (bench_startup, bench_sklearn, bench_pymc):
+        t0 = time.perf_counter()
+        print(f"== {module.__name__}", flush=True)
+        print(module.main(quick=quick), flush=True)
+        print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"reports written to {REPORTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""``ppl-em``: list the example models, fit one by EM, compare EM with NUTS, choose K.
+
+The example models live in ``models/`` at the repository root (a sibling of the
+``ppl_em`` package in an editable install); ``--models-dir`` points elsewhere. A models
+directory is a Python package whose ``MODELS`` dict maps names to modules with
+``build_model(data=None, k=...)``, ``default_data()``, ``DESCRIPTION`` and ``K_DEFAULT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+class CliError(Exception):
+    """A user-facing problem (bad file, unknown model, existing output): message, exit 1."""
+
+
+# ---------------------------------------------------------------- models and data
+
+
+def load_models(models_dir: Path) -> dict[str, ModuleType]:
+    """The ``MODELS`` registry of the package at ``models_dir``."""
+    models_dir = Path(models_dir).resolve()
+    if not (models_dir / "__init__.py").is_file():
+        raise CliError(
+            f"--models-dir {models_dir} is not a Python package (no __init__.py); "
+            f"point it at a directory like {DEFAULT_MODELS_DIR}."
+        )
+    # The registry imports its modules absolutely (``from models import coin``), so the
+    # package's parent directory must be importable.
+    if str(models_dir.parent) not in sys.path:
+        sys.path.insert(0, str(models_dir.parent))
+    package = importlib.import_module(models_dir.name)
+    registry = getattr(package, "MODELS", None)
+    if not isinstance(registry, dict):
+        raise CliError(f"{models_dir}/__init__.py defines no MODELS dict of name -> module.")
+    return registry
+
+
+def get_model(registry: dict[str, ModuleType], name: str) -> ModuleType:
+    if name not in registry:
+        raise CliError(f"unknown model {name!r}; available: {', '.join(sorted(registry))}.")
+    return registry[name]
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    """Numeric CSV (one optional header line) to a float array; errors name file and line."""
+    with path.open(newline="") as fh:
+        rows = [(n, r) for n, r in enumerate(csv.reader(fh), start=1) if any(c.strip() for c in r)]
+    if rows and not _is_number(rows[0][1][0]):
+        rows = rows[1:]  # a header line
+    if not rows:
+        raise CliError(f"{path}: no data rows found.")
+    width = len(rows[0][1])
+    values = []
+    for line, row in rows:
+        if len(row) != width:
+            raise CliError(f"{path} line {line}: {len(row)} columns, expected {width}.")
+        bad = [c for c in row if not _is_number(c)]
+        if bad:
+            raise CliError(f"{path} line {line}: could not parse {bad[0]!r} as a number.")
+        values.append([float(c) for c in row])
+    return np.squeeze(np.array(values), axis=1) if width == 1 else np.array(values)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_data(path: Path, template):
+    """Read ``path`` (.csv or .npy) into the structure and dtype of ``default_data()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"--data {path}: no such file.")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.asarray(np.load(path, allow_pickle=False))
+        except ValueError as err:
+            raise CliError(f"{path}: not a readable .npy array ({err}).") from err
+    elif path.suffix.lower() == ".csv":
+        array = _read_csv(path)
+    else:
+        raise CliError(f"--data {path}: unsupported extension; use .csv or .npy.")
+    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+        raise CliError(f"{path}: data must be finite numbers (found NaN/inf or text).")
+    if isinstance(template, tuple):
+        if array.ndim != 2 or array.shape[1] != len(template):
+            raise CliError(
+                f"{path}: this model takes {len(template)} columns (e.g. x, y), "
+                f"got an array of shape {array.shape}."
+            )
+        return tuple(array[:, j] for j in range(array.shape[1]))
+    template = np.asarray(template)
+    if array.ndim != template.ndim or array.shape[1:] != template.shape[1:]:
+        raise CliError(
+            f"{path}: expected rows shaped like {template.shape[1:] or 'a single column'} "
+            f"(default data {template.shape}), got {array.shape}."
+        )
+    if np.issubdtype(template.dtype, np.integer):
+        if not np.all(array == np.round(array)):
+            raise CliError(f"{path}: this model counts integers; the file has fractional values.")
+        return array.astype(template.dtype)
+    return array.astype(float)
+
+
+def _model_and_data(args) -> tuple[str, ModuleType, object]:
+    module = get_model(load_models(args.models_dir), args.model)
+    data = module.default_data()
+    if args.data is not None:
+        data = load_data(args.data, data)
+    return args.model, module, data
+
+
+def _k(args, module: ModuleType) -> int:
+    return module.K_DEFAULT if args.k is None else args.k
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_list(args) -> int:
+    registry = load_models(args.models_dir)
+    width = max(map(len, registry))
+    for name, module in sorted(registry.items()):
+        print(f"{name:<{width}}  K={module.K_DEFAULT}  {module.DESCRIPTION}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    import ppl_em
+    from ppl_em.report.fit_plots import scalar_entries
+    from ppl_em.stderr import NotIdentifiedError, standard_errors
+
+    name, module, data = _model_and_data(args)
+    model = module.build_model(data, k=_k(args, module))
+    t0 = time.perf_counter()
+    result = ppl_em.fit(model, mode=args.mode, random_seed=args.seed, progressbar=args.progress)
+    elapsed = time.perf_counter() - t0
+    try:
+        se, se_note = standard_errors(result), ""
+    except NotIdentifiedError as err:
+        se, se_note = None, f"standard errors unavailable: {err}"
+    print(f"{name}: EM ({args.mode}), K={result.n_components}, N={result.functions.graph.n_obs}")
+    print(f"{'parameter':<14}{'estimate':>14}{'std. error':>14}")
+    for var, label, idx in scalar_entries(result.params):
+        err = f"{se[var][idx]:14.6g}" if se is not None else f"{'-':>14}"
+        print(f"{label:<14}{result.params[var][idx]:14.6g}{err}")
+    if se_note:
+        print(se_note)
+    objective = "log posterior" if args.mode == "map" else "log-likelihood"
+    print(f"{objective}: {result.objective:.6f}   loglik: {result.loglik:.6f}")
+    state = "converged" if result.converged else "NOT converged"
+    print(f"{state} after {result.n_iter} iterations in {elapsed:.2f} s")
+    print(f"BIC {result.bic():.3f}   AIC {result.aic():.3f}   ICL {result.icl():.3f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ppl_em.crosscheck import compare
+    from ppl_em.report.writer import check_target, write_report
+
+    if args.mode != "map":
+        raise CliError(
+            f"compare needs --mode map, got --mode {args.mode}: find_MAP and NUTS use the "
+            "posterior, so EM must maximise it too. Use `ppl-em fit --mode mle` for the MLE."
+        )
+    out = Path(args.out or Path("reports") / args.model)
+    check_target(out.absolute(), args.force)  # fail before minutes of sampling, not after
+    name, module, data = _model_and_data(args)
+    model = module.build_model(data, k=_k(args, module))
+    comparison = compare(
+        model,
+        model_name=name,
+        em_kwargs={"mode": args.mode, "progressbar": args.progress},
+        draws=args.draws,
+        tune=args.tune,
+        chains=args.chains,
+        random_seed=args.seed,
+        progressbar=args.progress,
+    )
+    path = write_report(comparison, out, data=data, force=args.force)
+    diag = comparison.diagnostics
+    inside = int(comparison.table["em_in_hdi"].astype(bool).sum())
+    print(comparison.table.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(
+        f"EM inside the NUTS 94% HDI for {inside}/{len(comparison.table)} parameters; "
+        f"{diag['divergences']} divergences, max r_hat {diag['max_r_hat']:.3f}"
+    )
+    print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in comparison.timings.items()))
+    print(f"report: {path / 'index.html'}")
+    return 0
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"1..6"``, ``"2,3,5"`` or ``"4"`` to a list of integers >= 1."""
+    try:
+        if ".." in text:
+            lo, hi = (int(p) for p in text.split(".."))
+            ks = list(range(lo, hi + 1))
+        else:
+            ks = [int(p) for p in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k {text!r}: use a range like 1..6 or a list 2,3,4.")
+    return ks
+
+
+def cmd_select(args) -> int:
+    from ppl_em.criteria import select_k
+
+    name, module, data = _model_and_data(args)
+    ks = args.k or list(range(1, 7))
+    table = select_k(
+        module.build_model,
+        ks,
+        data=data,
+        mode=args.mode,
+        random_seed=args.seed,
+        n_init=args.n_init,
+        progressbar=args.progress,
+    )
+    print(f"{name}: information criteria by K (lower is better), EM mode={args.mode}")
+    shown = table.drop(columns=["best_bic", "best_aic", "best_icl", "warnings"])
+    print(shown.to_string(float_format=lambda v: f"{v:.3f}"))
+    for crit in ("bic", "aic", "icl"):
+        print(f"best K by {crit.upper()}: {int(table[crit].idxmin())}")
+    for k, text in table["warnings"].items():
+        if text:
+            print(f"K={k}: {text}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _models_dir_option(p: argparse.ArgumentParser) -> None:
+    # Accepted after the command too; SUPPRESS keeps the top-level default when absent.
+    p.add_argument(
+        "--models-dir", type=Path, default=argparse.SUPPRESS, help="as before the command"
+    )
+
+
+def _model_options(p: argparse.ArgumentParser, k_help: str, k_type=int) -> None:
+    _models_dir_option(p)
+    p.add_argument("model", metavar="MODEL", help="model name (see `ppl-em list`)")
+    p.add_argument("--k", type=k_type, default=None, help=k_help)
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="data file instead of the model's default data: .csv (numbers, optional header "
+        "line; one column, or one per dimension / x,y for regressions) or .npy",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("map", "mle"),
+        default="map",
+        help="EM objective: map = log posterior without Jacobian (what find_MAP maximises), "
+        "mle = log-likelihood only (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppl-em",
+        description="Fit mixture models declared in PyMC by EM and check them against NUTS.",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=DEFAULT_MODELS_DIR,
+        help="package of example models with a MODELS registry (default: %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_list = sub.add_parser("list", help="list the example models with their descriptions")
+    _models_dir_option(p_list)
+    p_list.set_defaults(func=cmd_list)
+
+    p_fit = sub.add_parser("fit", help="fit MODEL by EM: estimates, SEs, objective, time")
+    _model_options(p_fit, "number of components (default: the model's K_DEFAULT)")
+    p_fit.set_defaults(func=cmd_fit)
+
+    p_cmp = sub.add_parser("compare", help="EM + find_MAP + NUTS on MODEL, then an HTML report")
+    _model_options(p_cmp, "number of components (default: the model's K_DEFAULT)")
+    p_cmp.add_argument(
+        "--out", type=Path, metavar="DIR", help="report directory (default: reports/MODEL)"
+    )
+    p_cmp.add_argument("--draws", type=int, default=1000, help="NUTS draws per chain (%(default)s)")
+    p_cmp.add_argument("--tune", type=int, default=1000, help="NUTS tuning steps (%(default)s)")
+    p_cmp.add_argument("--chains", type=int, default=4, help="NUTS chains (default: %(default)s)")
+    p_cmp.add_argument(
+        "--force", action="store_true", help="replace an existing report directory at --out"
+    )
+    p_cmp.set_defaults(func=cmd_compare)
+
+    p_sel = sub.add_parser("select", help="BIC, AIC and ICL of MODEL across K")
+    _model_options(p_sel, "values of K: a range 1..6 or a list 2,3,4 (default: 1..6)", parse_ks)
+    p_sel.add_argument(
+        "--n-init", type=int, default=3, help="EM restarts per K, best kept (%(default)s)"
+    )
+    p_sel.set_defaults(func=cmd_select)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ppl-em`` script; returns the exit status."""
+    from ppl_em.errors import PplEmError
+
+    args = build_parser().parse_args(argv)
+    for option in ("draws", "tune", "chains"):
+        if getattr(args, option, 1) < 1:
+            print(f"ppl-em: error: --{option} must be >= 1.", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except (CliError, PplEmError, FileExistsError) as err:
+        print(f"ppl-em: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""SQUAREM reaches plain EM's optimum with fewer E-steps, never lowering the objective;
+the fused E-step's statistics equal a hand-written NumPy computation."""
+
+import numpy as np
+import pymc as pm
+import pytest
+from scipy.special import logsumexp
+
+import ppl_em
+from ppl_em.accelerate import extrapolate, squarem_alpha, squarem_step
+from ppl_em.estep import fused_estep
+from tests.conftest import assert_monotone
+
+
+def overlapping_gaussian(n=1500, seed=1):
+    """Three overlapping components: plain EM needs hundreds of iterations."""
+    rng = np.random.default_rng(seed)
+    z = rng.choice(3, size=n, p=[0.3, 0.4, 0.3])
+    x = rng.normal(np.array([-3.0, 0.0, 3.0])[z], 1.0)
+    with pm.Model() as model:
+        w_ = pm.Dirichlet("w", a=np.ones(3))
+        mu_ = pm.Flat("mu", shape=3)
+        sigma_ = pm.HalfFlat("sigma", shape=3)
+        pm.NormalMixture("x", w=w_, mu=mu_, sigma=sigma_, observed=x)
+    start = {"w": [0.2, 0.5, 0.3], "mu": [-2.0, 0.0, 1.0], "sigma": [1.0, 1.0, 1.0]}
+    return model, start
+
+
+def overlapping_binomial(n=400, seed=2):
+    rng = np.random.default_rng(seed)
+    p, w = np.array([0.35, 0.5, 0.6]), np.array([0.3, 0.4, 0.3])
+    z = rng.choice(3, size=n, p=w)
+    x = rng.binomial(10, p[z])
+    with pm.Model() as model:
+        w_ = pm.Dirichlet("w", a=np.full(3, 2.0))
+        p_ = pm.Beta("p", 2.0, 2.0, shape=3)
+        z_ = pm.Categorical("z", p=w_, shape=n)
+        pm.Binomial("x", n=10, p=p_[z_], observed=x)
+    return model, {"w": [0.25, 0.5, 0.25], "p": [0.3, 0.45, 0.7]}
+
+
+@pytest.fixture(scope="module", params=["gaussian_mle", "binomial_map"])
+def problem(request):
+    model, start = (
+        overlapping_gaussian() if request.param == "gaussian_mle" else (overlapping_binomial())
+    )
+    mode = "mle" if request.param == "gaussian_mle" else "map"
+    prepared = ppl_em.prepare(model, mode=mode)
+    u0 = ppl_em.apply_start(prepared.functions, start, np.zeros(prepared.functions.layout.size))
+    return prepared, u0
+
+
+def _run(prepared, u0, accelerate):
+    return ppl_em.run_em(
+        prepared.functions, prepared.config, u0, max_iter=20000, tol=1e-14, accelerate=accelerate
+    )
+
+
+def test_squarem_same_optimum_fewer_esteps(problem):
+    prepared, u0 = problem
+    plain, fast = _run(prepared, u0, None), _run(prepared, u0, "squarem")
+    assert plain.converged and fast.converged
+    assert plain.n_estep > 100  # the problem is slow for plain EM, or the test is moot
+    assert fast.n_estep < plain.n_estep / 2
+    # Plain EM crawls: with the same tol it stops a little short of the optimum.
+    np.testing.assert_allclose(fast.state.objective, plain.state.objective, rtol=1e-11)
+    assert fast.state.objective >= plain.state.objective - 1e-12 * abs(plain.state.objective)
+    f = prepared.functions
+    for a, b in zip(f.constrain(fast.state.u), f.constrain(plain.state.u), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_monotone(fast.history, rel=1e-12)
+    assert_monotone(plain.history, rel=1e-12)
+    assert fast.monotone
+
+
+def test_squarem_cycle_never_below_plain_em(problem):
+    """The safeguard: each cycle ends at or above two plain EM steps from the same state."""
+    prepared, u0 = problem
+    f, c = prepared
+    state = ppl_em.em_init(f, u0, c)
+    for _ in range(5):
+        cycle = squarem_step(f, c, state)
+        two = ppl_em.em_step(f, c, ppl_em.em_step(f, c, state))
+        assert cycle.state.objective >= two.objective - 1e-9 * abs(two.objective)
+        state = cycle.state
+
+
+def test_sqs3_step_length():
+    u0, u1, u2 = np.array([0.0, 0.0]), np.array([1.0, 0.5]), np.array([1.5, 0.7])
+    r, v = u1 - u0, u2 - 2 * u1 + u0
+    alpha = -np.linalg.norm(r) / np.linalg.norm(v)
+    point, a = extrapolate(u0, u1, u2)
+    assert a == pytest.approx(alpha)
+    np.testing.assert_allclose(point, u0 - 2 * alpha * r + alpha**2 * v)
+    # A step shorter than plain EM's is replaced by plain EM (alpha = -1 gives u2).
+    assert squarem_alpha(np.array([1.0]), np.array([10.0])) == -1.0
+    np.testing.assert_allclose(extrapolate(u0, u0 + 1e-3, u0 + 1.0)[0], u0 + 1.0)
+
+
+def test_fused_estep_matches_numpy():
+    rng = np.random.default_rng(3)
+    n, k = 20000 + 17, 4  # not a multiple of the chunk width
+    joint = rng.normal(size=(n, k)) * 5
+    joint[5, 2] = -np.inf  # a component that cannot produce one observation
+    x, t = rng.normal(size=n) * 3 + 1, rng.integers(1, 20, size=n).astype(float)
+    centres = rng.normal(size=(2, k))
+    log_resp, loglik, stats = fused_estep(np.ascontiguousarray(joint.T), (x, t), centres)
+
+    lse = logsumexp(joint, axis=1)
+    gamma = np.exp(joint - lse[:, None])
+    np.testing.assert_allclose(log_resp, joint - lse[:, None], rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(loglik, lse.sum(), rtol=1e-12)
+    np.testing.assert_allclose(stats.nk, gamma.sum(axis=0), rtol=1e-11)
+    for m, v in enumerate((x, t)):
+        np.testing.assert_allclose(stats.s[m], gamma.T @ v, rtol=1e-11)
+        expect_q = np.sum(gamma * (v[:, None] - centres[m][None, :]) ** 2, axis=0)
+        np.testing.assert_allclose(stats.q[m], expect_q, rtol=1e-11)
+
+
+def test_fit_accepts_accelerate():
+    model, start = overlapping_binomial()
+    with model:
+        plain = ppl_em.fit(start=start, tol=1e-13, max_iter=5000, progressbar=False)
+        fast = ppl_em.fit(
+            start=start, tol=1e-13, max_iter=5000, progressbar=False, accelerate="squarem"
+        )
+        with pytest.raises(ValueError, match="accelerate"):
+            ppl_em.fit(start=start, progressbar=False, accelerate="aitken")
+    np.testing.assert_allclose(fast.params["p"], plain.params["p"], atol=1e-5)
+    np.testing.assert_allclose(fast.log_posterior, plain.log_posterior, rtol=1e-10)
+    assert fast.log_posterior >= plain.log_posterior - 1e-12 * abs(plain.log_posterior)

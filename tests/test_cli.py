@@ -1,0 +1,132 @@
+"""The ppl-em command line: listing, data files, fit/select output, compare's safety checks."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ppl_em
+from models import MODELS, coin, poisson_counts
+from ppl_em import cli
+from ppl_em.criteria import select_k
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_list_shows_every_model_with_description(capsys):
+    status, out, _ = run(capsys, "list")
+    assert status == 0
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(MODELS)
+    assert f"K=3  {coin.DESCRIPTION}" in out
+
+
+def test_models_dir_option_and_errors(capsys, tmp_path):
+    status, out, _ = run(capsys, "list", "--models-dir", str(cli.DEFAULT_MODELS_DIR))
+    assert status == 0 and "poisson_counts" in out
+    status, _, err = run(capsys, "--models-dir", str(tmp_path), "list")
+    assert status == 1 and f"--models-dir {tmp_path} is not a Python package" in err
+    status, _, err = run(capsys, "fit", "no_such_model")
+    assert status == 1 and "unknown model 'no_such_model'; available: coin" in err
+
+
+def test_help_documents_every_option():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ppl_em.cli", "compare", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for option in ("--draws", "--tune", "--chains", "--seed", "--data", "--force", "--mode",
+                   "--no-progress", "--out", "--k", "--models-dir"):  # fmt: skip
+        assert option in help_text
+    entry = Path(sys.executable).with_name("ppl-em")
+    if entry.exists():  # the installed console script points at cli.main
+        assert "select" in subprocess.run([entry, "--help"], capture_output=True, text=True).stdout
+
+
+def test_parse_ks():
+    assert cli.parse_ks("1..4") == [1, 2, 3, 4]
+    assert cli.parse_ks("2,3,5") == [2, 3, 5]
+    for bad in ("0..3", "a..b", "", "2,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--k"):
+            cli.parse_ks(bad)
+
+
+def test_load_data_csv_npy_and_clear_errors(tmp_path):
+    good = tmp_path / "counts.csv"
+    good.write_text("count\n3\n7\n\n2\n")
+    data = cli.load_data(good, poisson_counts.default_data())
+    assert data.dtype.kind == "i" and data.tolist() == [3, 7, 2]
+    pairs = tmp_path / "xy.csv"
+    pairs.write_text("x,y\n0.5,1.0\n1.5,2.5\n")
+    x, y = cli.load_data(pairs, (np.zeros(3), np.zeros(3)))
+    assert x.tolist() == [0.5, 1.5] and y.tolist() == [1.0, 2.5]
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.array([[1.0, 2.0], [3.0, 4.0]]))
+    assert cli.load_data(npy, np.zeros((5, 2))).shape == (2, 2)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("count\n3\n7\nseven\n")
+    with pytest.raises(cli.CliError, match=r"bad.csv line 4: could not parse 'seven'"):
+        cli.load_data(bad, poisson_counts.default_data())
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("1,2\n3\n")
+    with pytest.raises(cli.CliError, match=r"ragged.csv line 2: 1 columns, expected 2"):
+        cli.load_data(ragged, np.zeros((5, 2)))
+    frac = tmp_path / "frac.csv"
+    frac.write_text("1\n2.5\n")
+    with pytest.raises(cli.CliError, match="fractional"):
+        cli.load_data(frac, poisson_counts.default_data())
+    with pytest.raises(cli.CliError, match="expected rows shaped like"):
+        cli.load_data(npy, poisson_counts.default_data())
+    with pytest.raises(cli.CliError, match="no such file"):
+        cli.load_data(tmp_path / "missing.csv", poisson_counts.default_data())
+    notes = tmp_path / "x.txt"
+    notes.write_text("1\n")
+    with pytest.raises(cli.CliError, match="unsupported extension"):
+        cli.load_data(notes, poisson_counts.default_data())
+
+
+@pytest.mark.slow  # the standard errors' Hessian compiles for minutes
+def test_fit_prints_estimates_matching_the_library(capsys, tmp_path):
+    csv = tmp_path / "coin.csv"
+    csv.write_text("\n".join(map(str, coin.SEED_DATA)) + "\n")
+    status, out, _ = run(capsys, "fit", "coin", "--data", str(csv), "--no-progress")
+    assert status == 0
+    ref = ppl_em.fit(coin.build_model(), random_seed=0, progressbar=False)
+    for k in range(3):
+        assert f"p[{k}]" in out and f"{ref.params['p'][k]:14.6g}" in out
+    assert f"log posterior: {ref.objective:.6f}" in out
+    assert f"after {ref.n_iter} iterations" in out
+    assert f"BIC {ref.bic():.3f}" in out
+    # Three near-identical coins: the information is singular and the CLI says so.
+    assert "standard errors unavailable" in out
+
+
+def test_compare_refuses_existing_output_before_sampling(capsys, tmp_path):
+    out_dir = tmp_path / "existing"
+    out_dir.mkdir()
+    status, _, err = run(capsys, "compare", "coin", "--out", str(out_dir), "--no-progress")
+    assert status == 1 and f"{out_dir} already exists" in err and "--force" in err
+    status, _, err = run(capsys, "compare", "coin", "--mode", "mle", "--out", str(tmp_path / "n"))
+    assert status == 1 and "compare needs --mode map" in err
+    assert not (tmp_path / "n").exists()
+    status, _, err = run(capsys, "compare", "coin", "--draws", "0")
+    assert status == 2 and "--draws must be >= 1" in err
+
+
+def test_select_prints_criteria_and_best_k(capsys):
+    status, out, _ = run(capsys, "select", "poisson_counts", "--k", "1..2", "--no-progress")
+    assert status == 0
+    table = select_k(
+        poisson_counts.build_model, [1, 2], data=poisson_counts.default_data(), random_seed=0,
+        n_init=3,
+    )  # fmt: skip
+    assert "best K by BIC: 2" in out and "best K by ICL: 2" in out
+    assert f"{table.loc[2, 'bic']:.3f}" in out and f"{table.loc[1, 'aic']:.3f}" in out

@@ -1,0 +1,68 @@
+"""Every example model in models/: the module contract and EM recovery of the truth."""
+
+import numpy as np
+import pytest
+
+import ppl_em
+from models import MODELS, coin
+from ppl_em.relabel import match, permute
+from ppl_em.stderr import standard_errors
+from tests.conftest import assert_monotone
+
+# The 2-D model's numeric M-step (an MvNormal per observation) takes over a minute on
+# the shared test machine, so its recovery test runs with the slow tests.
+SIMULATED = [
+    pytest.param(name, marks=pytest.mark.slow) if name == "gaussian_2d" else name
+    for name in sorted(n for n, mod in MODELS.items() if hasattr(mod, "TRUE_PARAMS"))
+]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_module_contract(name):
+    mod = MODELS[name]
+    assert isinstance(mod.DESCRIPTION, str) and mod.DESCRIPTION
+    assert isinstance(mod.WELL_IDENTIFIED, bool)
+    assert mod.build_model.__doc__ and mod.default_data.__doc__
+    data = mod.default_data()
+    again = mod.default_data()
+    for a, b in zip(np.atleast_1d(data), np.atleast_1d(again), strict=True):
+        np.testing.assert_array_equal(a, b)  # fixed seed
+    for k in (mod.K_DEFAULT, mod.K_DEFAULT + 1):
+        graph = ppl_em.analyse_model(mod.build_model(k=k))
+        assert graph.n_components == k
+    if hasattr(mod, "TRUE_PARAMS"):
+        graph = ppl_em.analyse_model(mod.build_model())
+        assert set(mod.TRUE_PARAMS) == set(graph.param_names)
+        model = mod.build_model()
+        for pname, value in mod.TRUE_PARAMS.items():
+            assert np.shape(value) == tuple(model[pname].type.shape)
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_em_recovers_true_params(name):
+    mod = MODELS[name]
+    res = ppl_em.fit(mod.build_model(), progressbar=False)
+    assert res.converged and res.monotone
+    assert_monotone(res.history)
+    truth = {n: np.asarray(v, dtype=float) for n, v in mod.TRUE_PARAMS.items()}
+    se = standard_errors(res, "gradient")
+    perm = match(res.params, truth, mod.K_DEFAULT, se)
+    est, se = permute(res.params, perm), permute(se, perm)
+    for pname, true in truth.items():
+        z = (est[pname] - true) / se[pname]
+        # Sampling error: each estimate lies within 4 standard errors of the truth
+        # (a 1-in-15,000 event per element for a correct SE; ~40 elements in all).
+        assert np.all(np.abs(z) < 4.0), (pname, est[pname], true, se[pname])
+        # and the SEs themselves are of the size N makes plausible (not inflated).
+        assert np.all(se[pname] < 0.25 * (np.abs(true) + 0.5)), (pname, se[pname])
+
+
+def test_coin_converges_to_pooled_binomial():
+    # The 20 seed counts do not separate three coins: EM from the seed's start ends with
+    # equal biases, i.e. the one-coin MLE sum(x) / (10 N), whatever the weights.
+    res = ppl_em.fit(coin.build_model(), start=coin.SEED_START, tol=1e-12, progressbar=False)
+    assert_monotone(res.history)
+    pooled = coin.SEED_DATA.sum() / (10 * coin.SEED_DATA.size)
+    np.testing.assert_allclose(res.params["p"], pooled, atol=2e-3)
+    np.testing.assert_allclose(res.params["w"].sum(), 1.0)
+    assert res.history[-1] > res.history[0]

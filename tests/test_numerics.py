@@ -1,0 +1,184 @@
+"""Numerics: float32 data, extreme scales, variances spanning 16 decades, K=50, N=1."""
+
+import numpy as np
+import pymc as pm
+import pytest
+from scipy.optimize import minimize
+from scipy.special import logsumexp
+from scipy.stats import invgamma, norm
+
+import ppl_em
+
+RNG = np.random.default_rng(11)
+BASE = np.r_[RNG.normal(-3.0, 0.5, 80), RNG.normal(2.0, 1.0, 120)]
+START = {"w": [0.5, 0.5], "mu": [-2.0, 1.0], "sigma": [1.0, 1.0]}
+
+
+def gauss(x, k=2):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(k))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=k)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=k)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    return model
+
+
+def numpy_gmm(x, w, mu, sd, tol=1e-14, max_iter=5000):
+    """Reference 1-D Gaussian-mixture EM (MLE), standardised so it works at any scale."""
+    s = np.max(np.abs(x))
+    x, mu, sd = x / s, np.asarray(mu) / s, np.asarray(sd) / s
+    w, old = np.asarray(w, dtype=float), -np.inf
+    for _ in range(max_iter):
+        logp = np.log(w) + norm.logpdf(x[:, None], mu, sd)
+        ll = logsumexp(logp, axis=1)
+        g = np.exp(logp - ll[:, None])
+        nk = g.sum(0)
+        w, mu = nk / len(x), g.T @ x / nk
+        sd = np.sqrt((g * (x[:, None] - mu) ** 2).sum(0) / nk)
+        if abs(ll.sum() - old) < tol * abs(ll.sum()):
+            break
+        old = ll.sum()
+    return w, mu * s, sd * s, ll.sum() - len(x) * np.log(s)
+
+
+@pytest.fixture(scope="module")
+def gauss200():
+    return ppl_em.prepare(gauss(BASE), mode="mle")
+
+
+def _scaled_start(s):
+    return {
+        "w": START["w"],
+        "mu": np.multiply(START["mu"], s),
+        "sigma": np.multiply(START["sigma"], s),
+    }
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e300, 1e-300])
+def test_gaussian_at_extreme_scales(gauss200, scale):
+    prepared = ppl_em.with_data(gauss200, x=BASE * scale)
+    start = _scaled_start(scale)
+    res = ppl_em.fit(start=start, prepared=prepared, tol=1e-13, progressbar=False)
+    w, mu, sd, ll = numpy_gmm(BASE * scale, start["w"], start["mu"], start["sigma"])
+    assert np.all(np.isfinite(res.unconstrained)) and np.isfinite(res.loglik)
+    np.testing.assert_allclose(res.params["w"], w, rtol=1e-7)
+    np.testing.assert_allclose(res.params["mu"], mu, rtol=1e-7)
+    np.testing.assert_allclose(res.params["sigma"], sd, rtol=1e-7)
+    assert res.loglik == pytest.approx(ll, rel=1e-10)
+    assert res.diagnostics["issues"] == []
+
+
+def test_variances_spanning_1e_minus8_to_1e8(gauss200):
+    rng = np.random.default_rng(5)
+    x = np.r_[rng.normal(0.0, 1e-4, 100), rng.normal(5e4, 1e4, 100)]
+    start = {"w": [0.5, 0.5], "mu": [0.1, 4e4], "sigma": [1.0, 2e4]}
+    res = ppl_em.fit(
+        start=start, prepared=ppl_em.with_data(gauss200, x=x), tol=1e-13, progressbar=False
+    )
+    w, mu, sd, _ = numpy_gmm(x, *start.values())
+    np.testing.assert_allclose(res.params["sigma"] ** 2, sd**2, rtol=1e-7)
+    np.testing.assert_allclose(res.params["mu"], mu, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(res.params["w"], w, rtol=1e-7)
+    assert res.params["sigma"][0] ** 2 == pytest.approx(np.var(x[:100]), rel=1e-6)
+    assert res.diagnostics["issues"] == []
+
+
+def test_float32_data(gauss200):
+    x32 = BASE.astype(np.float32)
+    w, mu, sd, ll = numpy_gmm(x32.astype(float), *START.values())
+    # Through with_data (cast to the compiled float64) and through a float32 model.
+    for res in (
+        ppl_em.fit(start=START, prepared=ppl_em.with_data(gauss200, x=x32), tol=1e-13,
+                   progressbar=False),
+        ppl_em.fit(gauss(x32), start=START, mode="mle", tol=1e-13, progressbar=False),
+    ):  # fmt: skip
+        assert res.params["mu"].dtype == np.float64
+        np.testing.assert_allclose(res.params["w"], w, rtol=1e-7)
+        np.testing.assert_allclose(res.params["mu"], mu, rtol=1e-7)
+        np.testing.assert_allclose(res.params["sigma"], sd, rtol=1e-7)
+        assert res.loglik == pytest.approx(ll, rel=1e-10)
+
+
+def numpy_exp_em(x, w, lam, n_iter):
+    """Reference exponential-mixture EM (MLE), standardised so it works at any scale."""
+    s = np.max(x)
+    x, lam, w = x / s, np.asarray(lam) * s, np.asarray(w, dtype=float)
+    for _ in range(n_iter):
+        logp = np.log(w) + np.log(lam) - lam * x[:, None]
+        g = np.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+        w, lam = g.sum(0) / len(x), g.sum(0) / (g.T @ x)
+    return w, lam / s
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_exponential_at_extreme_scales(scale):
+    rng = np.random.default_rng(2)
+    x = np.r_[rng.exponential(1.0, 120), rng.exponential(20.0, 80)] * scale
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        lam = pm.Gamma("lam", 1.0, 0.1, shape=2)
+        pm.Mixture("t", w=w, comp_dists=pm.Exponential.dist(lam=lam), observed=x)
+    start = {"w": [0.5, 0.5], "lam": [2.0 / scale, 0.02 / scale]}
+    # max_iter and tol such that it stops only when the objective stops changing; the
+    # reference runs the same number of iterations.
+    res = ppl_em.fit(model, start=start, mode="mle", max_iter=2000, tol=1e-300, progressbar=False)
+    assert res.converged
+    w, lam = numpy_exp_em(x, start["w"], start["lam"], n_iter=res.n_iter)
+    np.testing.assert_allclose(res.params["lam"], lam, rtol=1e-9)
+    np.testing.assert_allclose(res.params["w"], w, rtol=1e-9)
+    assert np.isfinite(res.loglik) and res.diagnostics["issues"] == []
+
+
+def test_fifty_components():
+    k, rng = 50, np.random.default_rng(9)
+    centres = 10.0 * np.arange(k)
+    x = (centres[:, None] + rng.normal(0.0, 1.0, (k, 20))).ravel()
+    start = {"w": np.full(k, 1 / k), "mu": centres + 0.5, "sigma": np.full(k, 1.5)}
+    res = ppl_em.fit(gauss(x, k=k), start=start, mode="mle", tol=1e-13, progressbar=False)
+    w, mu, sd, ll = numpy_gmm(x, *start.values())
+    np.testing.assert_allclose(res.params["mu"], mu, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(res.params["sigma"], sd, rtol=1e-6)
+    np.testing.assert_allclose(res.params["w"], w, rtol=1e-6)
+    assert res.loglik == pytest.approx(ll, rel=1e-10)
+    assert res.diagnostics["n_distinct_components"] == k
+
+
+def test_single_observation_poisson():
+    with pm.Model() as model:
+        mu = pm.Gamma("mu", 2.0, 1.0, shape=1)
+        z = pm.Categorical("z", p=np.array([1.0]), shape=1)
+        pm.Poisson("x", mu=mu[z], observed=np.array([4]))
+    res = ppl_em.fit(model, progressbar=False)
+    # Gamma(2, 1) prior and one count of 4: the mode (4 + 2 - 1) / (1 + 1).
+    assert res.params["mu"][0] == pytest.approx(2.5, rel=1e-12)
+    assert res.responsibilities.shape == (1, 1) and res.converged
+
+
+def _normal_n1():
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0.0, 10.0, shape=1)
+        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=1)
+        z = pm.Categorical("z", p=np.array([1.0]), shape=1)
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=np.array([3.0]))
+    return model
+
+
+def test_single_observation_normal_mle_collapses():
+    with pytest.raises(ppl_em.CollapseError, match=r"component 0 collapsed onto observation 0"):
+        ppl_em.fit(_normal_n1(), mode="mle", mstep="numeric", progressbar=False)
+
+
+def test_single_observation_normal_map_is_finite():
+    res = ppl_em.fit(_normal_n1(), mode="map", tol=1e-14, progressbar=False)
+
+    def neg(theta):
+        mu, sd = theta[0], np.exp(theta[1])
+        lp = norm.logpdf(3.0, mu, sd) + norm.logpdf(mu, 0, 10) + invgamma.logpdf(sd, 2, scale=1)
+        return -lp
+
+    ref = minimize(neg, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14})
+    np.testing.assert_allclose(
+        [res.params["mu"][0], np.log(res.params["sigma"][0])], ref.x, atol=1e-5
+    )
+    assert res.log_posterior == pytest.approx(-ref.fun, abs=1e-7)

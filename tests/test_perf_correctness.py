@@ -1,0 +1,147 @@
+"""The fast paths compute the same numbers as the slow ones and as independent references.
+
+- the M-step from fused statistics equals the closed form from full responsibilities;
+- the compiled joint and the E-step equal SciPy's densities;
+- a converged fit equals scikit-learn's GaussianMixture;
+- new data of the same shape reuse the compiled functions.
+"""
+
+import numpy as np
+import pymc as pm
+import pytest
+from scipy import stats
+from scipy.special import logsumexp
+from sklearn.mixture import GaussianMixture
+
+import ppl_em
+from tests.models_for_tests import coin_label, gaussian_data
+
+RNG = np.random.default_rng(11)
+X_GAUSS = gaussian_data(n=3000, seed=4)
+
+
+def _flat_gaussian_mixture(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(3))
+        mu = pm.Flat("mu", shape=3)
+        sigma = pm.HalfFlat("sigma", shape=3)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
+    return model
+
+
+def _gaussian_label_flat(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(3))
+        mu = pm.Flat("mu", shape=3)
+        sigma = pm.HalfFlat("sigma", shape=3)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    return model
+
+
+def _poisson(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Gamma("mu", 2.0, 0.5, shape=2)
+        pm.Mixture("x", w=w, comp_dists=pm.Poisson.dist(mu=mu), observed=x)
+    return model
+
+
+def _exponential(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        lam = pm.Gamma("lam", 1.0, 0.1, shape=2)
+        pm.Mixture("x", w=w, comp_dists=pm.Exponential.dist(lam=lam), observed=x)
+    return model
+
+
+def _binomial_per_obs_trials(x, n):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        p = pm.Beta("p", 2.0, 2.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Binomial("x", n=n, p=p[z], observed=x)
+    return model
+
+
+def _known_sigma(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(3))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=3)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=np.array([1.0, 0.7, 1.5]), observed=x)
+    return model
+
+
+N_TRIALS = RNG.integers(5, 30, size=400)
+MODELS = {
+    "normal_mixture": lambda: (_flat_gaussian_mixture(X_GAUSS), "mle"),
+    "normal_label": lambda: (_gaussian_label_flat(X_GAUSS), "map"),
+    "normal_tiny_scale": lambda: (_flat_gaussian_mixture(X_GAUSS * 1e-110), "mle"),
+    "normal_known_sigma": lambda: (_known_sigma(X_GAUSS), "map"),
+    "poisson": lambda: (_poisson(RNG.poisson(np.repeat([2.0, 9.0], 300))), "map"),
+    "exponential": lambda: (_exponential(RNG.exponential(np.repeat([0.5, 4.0], 300))), "map"),
+    "binomial_trials": lambda: (
+        _binomial_per_obs_trials(RNG.binomial(N_TRIALS, np.repeat([0.2, 0.7], 200)), N_TRIALS),
+        "map",
+    ),
+    "coin": lambda: (coin_label(np.array([6, 5, 4, 2, 2, 6, 5, 5, 4, 2, 5, 2, 4, 4, 6])), "map"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_stats_mstep_equals_gamma_mstep(name):
+    model, mode = MODELS[name]()
+    functions, config = ppl_em.prepare(model, mode=mode)
+    assert not config.numeric_mask.any()
+    state = ppl_em.em_init(functions, ppl_em.default_start(functions, config, None), config)
+    assert state.stats is not None
+    for _ in range(3):
+        fast = ppl_em.em_step(functions, config, state)
+        slow = ppl_em.em_step(functions, config, state._replace(stats=None))
+        np.testing.assert_allclose(fast.u, slow.u, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fast.objective, slow.objective, rtol=1e-12)
+        state = fast
+
+
+def test_joint_and_estep_match_scipy():
+    functions, config = ppl_em.prepare(_flat_gaussian_mixture(X_GAUSS), mode="mle")
+    w, mu, sigma = np.array([0.2, 0.3, 0.5]), np.array([-3.0, 0.5, 4.0]), np.array([1, 2, 0.5])
+    u = ppl_em.apply_start(functions, {"w": w, "mu": mu, "sigma": sigma}, np.zeros(8))
+    expected = np.log(w) + stats.norm.logpdf(X_GAUSS[:, None], mu, sigma)
+    np.testing.assert_allclose(functions.joint(u, *functions.data), expected, rtol=1e-12)
+    log_resp, loglik, _ = functions.estep(u, *functions.data)
+    lse = logsumexp(expected, axis=1)
+    np.testing.assert_allclose(log_resp, expected - lse[:, None], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(loglik, lse.sum(), rtol=1e-12)
+    state = ppl_em.em_init(functions, u, config)
+    gamma = np.exp(expected - lse[:, None])
+    np.testing.assert_allclose(state.stats[0].nk, gamma.sum(axis=0), rtol=1e-11)
+    np.testing.assert_allclose(state.stats[0].s[0], gamma.T @ X_GAUSS, rtol=1e-11)
+
+
+def test_converged_fit_equals_sklearn():
+    with _flat_gaussian_mixture(X_GAUSS):
+        res = ppl_em.fit(mode="mle", tol=1e-13, max_iter=5000, progressbar=False)
+    gm = GaussianMixture(3, reg_covar=0.0, tol=1e-12, max_iter=5000, random_state=0)
+    gm.fit(X_GAUSS[:, None])
+    order, sk_order = np.argsort(res.params["mu"]), np.argsort(gm.means_[:, 0])
+    np.testing.assert_allclose(res.params["mu"][order], gm.means_[sk_order, 0], rtol=1e-6)
+    np.testing.assert_allclose(res.params["w"][order], gm.weights_[sk_order], rtol=1e-6)
+    np.testing.assert_allclose(
+        res.params["sigma"][order] ** 2, gm.covariances_[sk_order, 0, 0], rtol=1e-6
+    )
+    np.testing.assert_allclose(res.loglik, gm.score(X_GAUSS[:, None]) * X_GAUSS.size, rtol=1e-9)
+
+
+def test_new_data_reuse_compiled_functions():
+    prepared = ppl_em.prepare(_flat_gaussian_mixture(X_GAUSS), mode="mle")
+    first = ppl_em.fit(prepared=prepared, mode="mle", tol=1e-12, progressbar=False)
+    compiled = prepared.functions.joint_terms._fn
+    x2 = gaussian_data(n=3000, seed=9)
+    again = ppl_em.with_data(prepared, x=x2)
+    second = ppl_em.fit(prepared=again, mode="mle", tol=1e-12, progressbar=False)
+    assert again.functions.joint_terms._fn is compiled
+    with _flat_gaussian_mixture(x2):
+        fresh = ppl_em.fit(mode="mle", tol=1e-12, progressbar=False)
+    np.testing.assert_allclose(second.loglik, fresh.loglik, rtol=1e-12)
+    assert not np.isclose(first.loglik, second.loglik)
