@@ -56,15 +56,11 @@ def _weights_from_nk(block: Block, nk: np.ndarray, mode: str) -> np.ndarray:
     return w / w.sum()
 
 
-def _family(block: Block, gamma: np.ndarray, x: np.ndarray, mode: str, kind: str) -> dict:
-    n_obs, n_comp = gamma.shape
-    nk = np.maximum(gamma.sum(axis=0), _TINY)
-    sk = gamma.T @ x
+def _conjugate(block: Block, nk, sk, trials, mode: str) -> dict | None:
+    """The count and rate families' updates from ``N_k``, ``S_k`` (and Binomial trials)."""
     fam = block.family
     if fam in ("binomial", "bernoulli"):
-        n = _per_cell(block.consts.get("n", 1.0), n_obs, n_comp, kind)
         a, b = _hyper(block, "p", mode, (1.0, 1.0))
-        trials = np.einsum("ik,ik->k", gamma, n)
         return {"p": np.clip((sk + a - 1) / (trials + a + b - 2), _TINY, 1 - 1e-16)}
     if fam == "poisson":
         a, rate = _hyper(block, "mu", mode, (1.0, 0.0))
@@ -73,6 +69,20 @@ def _family(block: Block, gamma: np.ndarray, x: np.ndarray, mode: str, kind: str
         a, rate = _hyper(block, "scale", mode, (1.0, 0.0))
         lam = np.maximum((nk + a - 1) / (sk + rate), _TINY)
         return {"scale": lam if block.slots["scale"].inverse else 1.0 / lam}
+    return None
+
+
+def _family(block: Block, gamma: np.ndarray, x: np.ndarray, mode: str, kind: str) -> dict:
+    n_obs, n_comp = gamma.shape
+    nk = np.maximum(gamma.sum(axis=0), _TINY)
+    sk = gamma.T @ x
+    trials = None
+    if block.family in ("binomial", "bernoulli"):
+        n = _per_cell(block.consts.get("n", 1.0), n_obs, n_comp, kind)
+        trials = np.einsum("ik,ik->k", gamma, n)
+    out = _conjugate(block, nk, sk, trials, mode)
+    if out is not None:
+        return out
     return _normal(block, gamma, x, nk, sk, mode, kind)
 
 
@@ -227,21 +237,15 @@ def _family_from_stats(block, nk_raw, stats, request, b, mode, shape, kind) -> d
     nk = np.maximum(nk_raw, _TINY)
     col = request.index[(b, "x")]
     sk, qk = stats.s[col], stats.q[col]
-    fam = block.family
-    if fam in ("binomial", "bernoulli"):
+    trials = None
+    if block.family in ("binomial", "bernoulli"):
         if (b, "n") in request.index:
             trials = stats.s[request.index[(b, "n")]]
         else:
             trials = np.asarray(block.consts.get("n", 1.0), dtype=float).reshape(-1) * nk_raw
-        a, bb = _hyper(block, "p", mode, (1.0, 1.0))
-        return {"p": np.clip((sk + a - 1) / (trials + a + bb - 2), _TINY, 1 - 1e-16)}
-    if fam == "poisson":
-        a, rate = _hyper(block, "mu", mode, (1.0, 0.0))
-        return {"mu": np.maximum((sk + a - 1) / (nk + rate), _TINY)}
-    if fam == "exponential":
-        a, rate = _hyper(block, "scale", mode, (1.0, 0.0))
-        lam = np.maximum((nk + a - 1) / (sk + rate), _TINY)
-        return {"scale": lam if block.slots["scale"].inverse else 1.0 / lam}
+    out = _conjugate(block, nk, sk, trials, mode)
+    if out is not None:
+        return out
     return _normal_from_stats(block, nk, sk, qk, request.centres[col], mode, shape, kind)
 
 
