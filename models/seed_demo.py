@@ -17,9 +17,9 @@ from models import coin, exponential  # noqa: E402
 SEED_JSON = ROOT.parent / "shared" / "reference" / "seed_coin_example.json"
 
 
-def _row(label: str, ours, theirs) -> str:
+def _row(label: str, ours, theirs, source: str = "seed") -> str:
     ours = np.round(np.asarray(ours, dtype=float), 7).tolist()
-    return f"  {label:<22} ppl_em {ours!s:<40} seed {theirs}"
+    return f"  {label:<22} ppl_em {ours!s:<40} {source} {theirs}"
 
 
 def coin_demo() -> None:
@@ -56,8 +56,8 @@ def exponential_demo() -> None:
     res = ppl_em.fit(exponential.build_model(), progressbar=False)
     order = np.argsort(res.params["lam"])
     print("Exponential mixture (seed 000), N=2000 simulated, closed-form M-step")
-    print(_row("rates", res.params["lam"][order], exponential.TRUE_RATES.tolist()))
-    print(_row("weights", res.params["w"][order], exponential.TRUE_WEIGHTS.tolist()))
+    print(_row("rates", res.params["lam"][order], exponential.TRUE_RATES.tolist(), "truth"))
+    print(_row("weights", res.params["w"][order], exponential.TRUE_WEIGHTS.tolist(), "truth"))
     print(f"  {res.n_iter} iterations, converged={res.converged}, {res.elapsed:.2f} s")
 
 
