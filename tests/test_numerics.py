@@ -8,6 +8,7 @@ from scipy.special import logsumexp
 from scipy.stats import invgamma, norm
 
 import ppl_em
+from tests.models_for_tests import gaussian_label
 
 RNG = np.random.default_rng(11)
 BASE = np.r_[RNG.normal(-3.0, 0.5, 80), RNG.normal(2.0, 1.0, 120)]
@@ -15,13 +16,7 @@ START = {"w": [0.5, 0.5], "mu": [-2.0, 1.0], "sigma": [1.0, 1.0]}
 
 
 def gauss(x, k=2):
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(k))
-        mu = pm.Normal("mu", 0.0, 10.0, shape=k)
-        sigma = pm.HalfNormal("sigma", 5.0, shape=k)
-        z = pm.Categorical("z", p=w, shape=len(x))
-        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
-    return model
+    return gaussian_label(x, k=k)
 
 
 def numpy_gmm(x, w, mu, sd, tol=1e-14, max_iter=5000):
