@@ -9,6 +9,7 @@ linkable BLAS can still set ``PYTENSOR_FLAGS=blas__ldflags=...``; we never overr
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -23,5 +24,9 @@ def configure() -> None:
             sys.modules["pytensor"].config.blas__ldflags = ""
         else:
             os.environ["PYTENSOR_FLAGS"] = ",".join(f for f in (flags, "blas__ldflags=") if f)
+        # Having chosen the fallback, its one-line notice on the first C graph with a
+        # matrix product ("Using NumPy C-API based implementation for BLAS functions")
+        # says nothing new; only that logger is quietened, and only in this case.
+        logging.getLogger("pytensor.tensor.blas").setLevel(logging.ERROR)
     # ArviZ 0.23 announces its 1.0 refactor on every import; it is not actionable here.
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ppl_em.mvnormal import mvn_columns
 from ppl_em.recognise import Block, ClosedFormPlan
 
 # A component that owns no observation would get a weight or a rate of exactly 0 or
@@ -166,7 +167,8 @@ class StatsRequest(NamedTuple):
 
     columns: tuple[np.ndarray, ...]
     centres: np.ndarray
-    index: dict[tuple[int, str], int]
+    index: dict[tuple, int]
+    mvn_means: tuple[np.ndarray, ...] = ()
 
 
 def _component_values(block: Block, name: str, params: dict) -> np.ndarray:
@@ -208,7 +210,17 @@ def stats_request(
                 centres.append(np.zeros(n_comp))
             elif n.size not in (1, n_comp):
                 return None
-    return StatsRequest(tuple(columns), np.array(centres).reshape(len(columns), n_comp), index)
+    means = []
+    for i, spec in enumerate(plan.mvn):
+        x = np.asarray(data[spec.data_name], dtype=float).reshape(n_obs, -1)
+        mean, named = mvn_columns(x)
+        means.append(mean)
+        for name, col in named:
+            index[("mvn", i, *name)] = len(columns)
+            columns.append(col)
+            centres.append(np.zeros(n_comp))
+    centres = np.array(centres).reshape(len(columns), n_comp)
+    return StatsRequest(tuple(columns), centres, index, tuple(means))
 
 
 def _normal_from_stats(block: Block, nk, sk, qk, centre, mode, shape, kind) -> dict | None:

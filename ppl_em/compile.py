@@ -163,7 +163,7 @@ def _data_inputs(graph: MixtureGraph) -> tuple[dict, list, tuple[str, ...], tupl
     return replace, inputs, tuple(names), tuple(arrays)
 
 
-def _flat_replacements(graph: MixtureGraph, layout: FlatLayout, flat: TensorVariable) -> dict:
+def flat_replacements(graph: MixtureGraph, layout: FlatLayout, flat: TensorVariable) -> dict:
     return {
         graph.value_var(rv): flat[s].reshape(shape).astype(graph.value_var(rv).dtype)
         for rv, s, shape in zip(graph.params, layout.slices, layout.shapes, strict=True)
@@ -209,7 +209,7 @@ def build_em_functions(
     flat = pt.vector("u", dtype="float64")
     gamma = pt.matrix("gamma", dtype="float64")
     data_replace, data_inputs, data_names, data = _data_inputs(graph)
-    replace = {**_flat_replacements(graph, layout, flat), **data_replace}
+    replace = {**flat_replacements(graph, layout, flat), **data_replace}
 
     pieces = objective_graphs(graph)
     joint, extra, logprior = graph_replace(list(pieces), replace, strict=False)

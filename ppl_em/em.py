@@ -24,6 +24,7 @@ from ppl_em.compile import EMFunctions
 from ppl_em.errors import ConvergenceWarning, DataError, NonMonotoneWarning
 from ppl_em.estep import EStepStats, fused_estep
 from ppl_em.mstep import MStepConfig, mstep
+from ppl_em.mvnormal import moments_from_stats, solve_params
 from ppl_em.progress import Progress
 
 # EM's ascent is exact in theory; a decrease below this (relative) is round-off or the
@@ -109,6 +110,11 @@ def _stats_mstep(functions: EMFunctions, config: MStepConfig, state: EMState):
     for name, sl, value in zip(layout.rv_names, layout.slices, forward, strict=True):
         if name in config.plan.closed:
             u[sl] = np.reshape(value, -1)
+    for i, (spec, update) in enumerate(zip(config.plan.mvn, config.mvn, strict=True)):
+        target = moments_from_stats(stats.nk, stats, request, i, spec.reg_covar)
+        u = None if target is None else solve_params(update, u, *target)
+        if u is None:
+            return None
     return u
 
 
@@ -161,9 +167,10 @@ def run_em(
     n_iter = len(history) - 1
     if not monotone:
         warnings.warn(
-            "the EM objective decreased between iterations by more than round-off; with a "
-            "numeric M-step this means the inner optimiser stopped early. Try mstep='auto' "
-            "or a smaller tol, and inspect result.history.",
+            "the EM objective decreased between iterations by more than round-off. With "
+            "reg_covar > 0 that is expected (the floored update is not the likelihood's "
+            "M-step, as in scikit-learn); otherwise a numeric M-step's inner optimiser "
+            "went astray: try mstep='auto' or a smaller tol, and inspect result.history.",
             NonMonotoneWarning,
             stacklevel=3,
         )

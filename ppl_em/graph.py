@@ -240,3 +240,14 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
             "observations; use fewer components (n_components <= N)."
         )
     return graph
+
+
+def direct_users(graph: MixtureGraph, rv: TensorVariable) -> set:
+    """The random variables (and "potential") whose own graph uses ``rv`` directly."""
+    model = graph.model
+    # Stop at other random variables: only direct uses count, not uses through the label.
+    others = [y for y in model.basic_RVs if y is not rv]
+    users = {y for y in others if rv in ancestors(y.owner.inputs, blockers=others)}
+    if any(rv in ancestors([p]) for p in model.potentials):
+        users.add("potential")
+    return users

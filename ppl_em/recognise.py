@@ -24,7 +24,8 @@ from pytensor.tensor import random as ptr
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1, Subtensor
 
-from ppl_em.graph import MixtureGraph
+from ppl_em.graph import MixtureGraph, direct_users
+from ppl_em.mvnormal import MvnSpec, mvn_specs
 
 FAMILIES = {
     ptr.basic.BinomialRV: ("binomial", ("n", "p")),
@@ -54,9 +55,14 @@ class Block(NamedTuple):
 
 
 class ClosedFormPlan(NamedTuple):
+    """Closed-form blocks, the names they cover, why the others are numeric, and the
+    MvNormal blocks (:mod:`ppl_em.mvnormal`), which update the free variables behind
+    each component's mean and covariance together."""
+
     blocks: tuple[Block, ...]
     closed: frozenset[str]
     reasons: dict[str, str]
+    mvn: tuple[MvnSpec, ...] = ()
 
 
 def _strip(var: TensorVariable) -> TensorVariable:
@@ -232,16 +238,6 @@ def _weights_block(graph: MixtureGraph) -> Block | None:
     return Block(family, None, {name: slot}, {}, {name: prior_of(slot.refs[0][0], "map")})
 
 
-def _uses(graph: MixtureGraph, rv: TensorVariable) -> set:
-    model = graph.model
-    # Stop at other random variables: only direct uses count, not uses through the label.
-    others = [y for y in model.basic_RVs if y is not rv]
-    users = {y for y in others if rv in ancestors(y.owner.inputs, blockers=others)}
-    if any(rv in ancestors([p]) for p in model.potentials):
-        users.add("potential")
-    return users
-
-
 def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> str | None:
     for name, slot in block.slots.items():
         rvs = {r for r, _ in slot.refs}
@@ -253,7 +249,7 @@ def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> s
             return f"it enters {block.family} parameter {name!r} as a reciprocal"
         if any(_support(r, graph) != needed for r in rvs):
             return f"its prior's support is not the {needed} domain of {name!r}"
-        if any(_uses(graph, r) - owners for r in rvs):
+        if any(direct_users(graph, r) - owners for r in rvs):
             return "it also enters other parts of the model (a hyperprior, potential or variable)"
         reason = _prior_ok(block, name, slot, mode)
         if reason:
@@ -283,10 +279,13 @@ def build_plan(graph: MixtureGraph, mode: str) -> ClosedFormPlan:
                 reasons.update({r.name: reason for r, _ in slot.refs})
     blocks = _exclusive(blocks, reasons)
     closed = frozenset(r.name for b in blocks for s in b.slots.values() for r, _ in s.refs)
+    specs, mvn_reasons = mvn_specs(graph, mode)
+    closed |= {r.name for spec in specs for r in spec.rvs}
+    reasons.update({n: why for n, why in mvn_reasons.items() if n not in closed})
     for rv in graph.params:
         if rv.name not in closed and rv.name not in reasons:
             reasons[rv.name] = "no closed-form family in ppl_em covers it"
-    return ClosedFormPlan(tuple(blocks), closed, reasons)
+    return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs))
 
 
 def _size(rv: TensorVariable) -> int:

@@ -20,7 +20,7 @@ from pymc.pytensorf import compile as pymc_compile
 from pytensor.gradient import grad, jacobian
 from pytensor.graph.replace import graph_replace
 
-from ppl_em.compile import FlatLayout, _flat_replacements
+from ppl_em.compile import FlatLayout, flat_replacements
 from ppl_em.errors import PplEmError
 from ppl_em.estep import objective_graphs
 from ppl_em.result import EMResult
@@ -48,7 +48,7 @@ def _curvature_function(result: EMResult):
     functions = result.functions
     graph, layout = functions.graph, functions.layout
     flat = pt.vector("u", dtype="float64")
-    replace = _flat_replacements(graph, layout, flat)
+    replace = flat_replacements(graph, layout, flat)
     joint, extra, logprior = graph_replace(list(objective_graphs(graph)), replace, strict=False)
     objective = pt.sum(pt.logsumexp(joint, axis=1)) + extra
     if result.mode == "map":

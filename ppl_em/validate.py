@@ -123,9 +123,10 @@ def _normal_scale_vars(graph) -> set[str]:
 
 
 def apply_reg_covar(prepared, reg_covar: float):
-    """Return ``prepared`` with ``reg_covar`` added to every closed-form Normal variance.
+    """Return ``prepared`` with ``reg_covar`` added to every closed-form Normal variance
+    and to the diagonal of every closed-form MvNormal covariance.
 
-    Only the closed-form Normal update can apply the floor exactly as scikit-learn does;
+    Only the closed-form updates can apply the floor exactly as scikit-learn does;
     when a Normal scale is left to the numeric M-step we refuse rather than ignore it.
     """
     if reg_covar == 0:
@@ -133,13 +134,13 @@ def apply_reg_covar(prepared, reg_covar: float):
     functions, config = prepared
     scales = _normal_scale_vars(functions.graph)
     numeric = sorted(scales - config.plan.closed)
-    if not scales or numeric:
+    if not (scales or config.plan.mvn) or numeric:
         what = f"{numeric} use the numeric M-step" if numeric else "the model has none"
         raise ValueError(
-            f"reg_covar={reg_covar} is only supported with the closed-form Normal update "
-            f"of free component scales, and {what}. Use reg_covar=0.0 and a proper prior on "
-            "the scale with mode='map', or a model whose Normal blocks are closed-form "
-            "(mstep='auto' or 'closed', conjugate or flat priors)."
+            f"reg_covar={reg_covar} is only supported with the closed-form Normal and "
+            f"MvNormal updates of free component scales, and {what}. Use reg_covar=0.0 "
+            "and a proper prior on the scale with mode='map', or a model whose Normal "
+            "blocks are closed-form (mstep='auto' or 'closed', conjugate or flat priors)."
         )
     blocks = tuple(
         b._replace(consts={**b.consts, "reg_covar": float(reg_covar)})
@@ -147,7 +148,8 @@ def apply_reg_covar(prepared, reg_covar: float):
         else b
         for b in config.plan.blocks
     )
-    plan = config.plan._replace(blocks=blocks)
+    mvn = tuple(spec._replace(reg_covar=float(reg_covar)) for spec in config.plan.mvn)
+    plan = config.plan._replace(blocks=blocks, mvn=mvn)
     return prepared._replace(config=config._replace(plan=plan))
 
 

@@ -9,6 +9,9 @@ os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# grad_reduction for a numeric M-step that is Q's exact maximiser, not the generalised
+# step EM takes by default (ppl_em.mstep.GEM_GRAD_REDUCTION).
+EXACT = 0.0
 
 
 @pytest.fixture(scope="session")

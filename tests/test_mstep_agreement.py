@@ -6,6 +6,7 @@ import pytensor.tensor as pt
 import pytest
 
 import ppl_em
+from tests.conftest import EXACT
 
 RNG = np.random.default_rng(3)
 N = 150
@@ -79,7 +80,7 @@ def test_closed_equals_numeric(case):
     model, expected_closed = case()
     functions, closed = ppl_em.prepare(model, mstep="closed")
     assert closed.plan.closed == expected_closed
-    numeric = ppl_em.make_mstep_config(functions, "numeric")
+    numeric = ppl_em.make_mstep_config(functions, "numeric", grad_reduction=EXACT)
     u0 = ppl_em.default_start(functions, numeric, rng=None)
     k = functions.graph.n_components
     gamma = RNG.dirichlet(np.ones(k), size=functions.graph.n_obs)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import ppl_em
+from tests.conftest import EXACT
 from tests.models_for_tests import coin_label, coin_mixture
 
 BUILDERS = {
@@ -23,7 +24,7 @@ def coin_functions(request, seed_coin):
 @pytest.mark.parametrize("mstep", ["closed", "numeric"])
 def test_one_em_step_matches_seed_tables(coin_functions, seed_coin, mstep):
     functions = coin_functions
-    config = ppl_em.make_mstep_config(functions, mstep)
+    config = ppl_em.make_mstep_config(functions, mstep, grad_reduction=EXACT)
     if mstep == "closed":
         assert config.plan.closed == {"w", "p"}
     x = np.array(seed_coin["data"])
