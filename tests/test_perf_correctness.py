@@ -145,3 +145,28 @@ def test_new_data_reuse_compiled_functions():
         fresh = ppl_em.fit(mode="mle", tol=1e-12, progressbar=False)
     np.testing.assert_allclose(second.loglik, fresh.loglik, rtol=1e-12)
     assert not np.isclose(first.loglik, second.loglik)
+
+
+def test_threaded_fused_estep_equals_serial(monkeypatch):
+    """Large N splits the fused pass across threads; the split must not change the
+    answer beyond summation order (1e-12 relative)."""
+    from ppl_em import estep
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=50_000)
+    mu, sd = np.array([-1.0, 0.5, 2.0]), np.array([1.0, 0.3, 2.0])
+    joint = stats.norm.logpdf(x[None], mu[:, None], sd[:, None]) + np.log(1 / 3)
+    centres = np.array([mu])
+    monkeypatch.setattr(estep, "CHUNK", 4096)
+    serial = estep.fused_estep(joint.copy(), (x,), centres)
+    monkeypatch.setattr(estep, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(estep, "_worker_count", lambda n: 2)
+    threaded = estep.fused_estep(joint.copy(), (x,), centres)
+    np.testing.assert_array_equal(serial[0], threaded[0])
+    assert threaded[1] == pytest.approx(serial[1], rel=1e-12)
+    for a, b in zip(serial[2], threaded[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    # and both equal the direct computation
+    resp = np.exp(joint - logsumexp(joint, axis=0))
+    np.testing.assert_allclose(threaded[2].nk, resp.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(threaded[2].s[0], resp @ x, rtol=1e-10)
