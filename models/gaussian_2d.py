@@ -46,7 +46,9 @@ def build_model(data: np.ndarray | None = None, k: int = K_DEFAULT) -> pm.Model:
     """``z ~ Categorical(w)``, ``x ~ MvNormal(mu[z], chol=L[z])`` with L from (sigma, rho).
 
     Priors: Dirichlet(1) weights, Normal(0, 10) means, HalfNormal(3) standard deviations,
-    LKJ(2) correlations. No closed form covers MvNormal, so ppl_em's M-step is numeric.
+    LKJ(2) correlations. With these priors ppl_em's M-step is numeric (L-BFGS on Q);
+    with ``mode="mle"`` (or flat priors) its closed-form MvNormal block takes the
+    weighted means and covariances and maps them back to (mu, sigma, rho).
     """
     x = default_data() if data is None else np.asarray(data, dtype=float)
     with pm.Model() as model:

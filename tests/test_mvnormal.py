@@ -238,3 +238,17 @@ def test_fused_statistics_refuse_when_cancellation_would_bite():
     gamma = np.zeros((400, 2)) + 1e-300
     gamma[:200, 0] = gamma[200:, 1] = 1.0
     assert _fused_moments(x, np.log(gamma)) is None
+
+
+def test_singular_target_is_refused():
+    """Two points in 3-D give a rank-1 weighted covariance: no parameter values
+    reproduce it, and the solve says so rather than returning a degenerate factor."""
+    x = blobs(300, 2, 3)
+    functions, closed = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
+    u0 = ppl_em.default_start(functions, closed, rng=None)
+    gamma = np.zeros((300, 2))
+    gamma[:, 0] = 1.0
+    gamma[:2] = [[0.0, 1.0], [0.0, 1.0]]
+    mu, cov = weighted_moments(gamma, x)
+    assert np.linalg.matrix_rank(cov[1]) == 1
+    assert solve_params(closed.mvn[0], u0, mu, cov) is None
