@@ -71,6 +71,11 @@ def rows_for(n: int, nuts: bool, builder=model_1d) -> list[list]:
             lambda acc=acc: ppl_em.run_em(*prepared, u0, tol=1e-10, accelerate=acc), repeat=3
         )
         out[f"EM ({acc or 'plain'})"] = (t, run.state.objective, run.n_estep)
+    # backend="c" compiles every function to C (slower cold start, faster per call).
+    prepared_c = ppl_em.prepare(model, backend="c")
+    ppl_em.run_em(*prepared_c, u0, max_iter=2)  # compile before timing
+    t, run = timed(lambda: ppl_em.run_em(*prepared_c, u0, tol=1e-10), repeat=3)
+    out["EM (plain, backend='c')"] = (t, run.state.objective, run.n_estep)
     with model:
         t, point = timed(lambda: pm.find_MAP(start=START_1D, progressbar=False))
     out["pm.find_MAP"] = (t, _objective(prepared, point), "")

@@ -170,3 +170,40 @@ def test_threaded_fused_estep_equals_serial(monkeypatch):
     resp = np.exp(joint - logsumexp(joint, axis=0))
     np.testing.assert_allclose(threaded[2].nk, resp.sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(threaded[2].s[0], resp @ x, rtol=1e-10)
+
+
+def test_backend_choice_changes_speed_not_results():
+    x = gaussian_data(300, seed=2)
+    auto = ppl_em.fit(_flat_gaussian_mixture(x), mode="mle", random_seed=0, progressbar=False)
+    prepared = ppl_em.prepare(_flat_gaussian_mixture(x), mode="mle", backend="c")
+    c = ppl_em.fit(prepared=prepared, random_seed=0, progressbar=False)
+    assert c.loglik == pytest.approx(auto.loglik, rel=1e-12)
+    for name in ("w", "mu", "sigma"):
+        np.testing.assert_allclose(c.params[name], auto.params[name], rtol=1e-9)
+    with pytest.raises(ValueError, match=r"backend='gpu' is not one of"):
+        ppl_em.prepare(_flat_gaussian_mixture(x), backend="gpu")
+
+
+def test_label_with_per_observation_probabilities_joint_matches_scipy():
+    """The row-by-row joint must also hold when the label's probabilities vary by
+    observation (a logistic gate), not only when they are shared weights."""
+    import pytensor.tensor as pt
+
+    rng = np.random.default_rng(0)
+    n = 200
+    x = np.concatenate([rng.normal(-2, 1, 100), rng.normal(2, 1, 100)])
+    covariate = rng.normal(size=n)
+    with pm.Model() as model:
+        beta = pm.Normal("beta", 0, 1)
+        mu = pm.Normal("mu", 0, 10, shape=2)
+        p1 = pm.math.sigmoid(beta * covariate)
+        z = pm.Categorical("z", p=pt.stack([1 - p1, p1], axis=1), shape=n)
+        pm.Normal("x", mu=mu[z], sigma=1.0, observed=x)
+    functions = ppl_em.prepare(model).functions
+    joint = functions.joint(np.array([0.3, -1.0, 1.5]), *functions.data)
+    q = 1 / (1 + np.exp(-0.3 * covariate))
+    ref = np.stack(
+        [np.log(1 - q) + stats.norm.logpdf(x, -1.0, 1), np.log(q) + stats.norm.logpdf(x, 1.5, 1)],
+        axis=1,
+    )
+    np.testing.assert_allclose(joint, ref, rtol=1e-12, atol=1e-12)
