@@ -183,9 +183,12 @@ def stats_request(
     n_obs: int,
     n_comp: int,
     kind: str,
+    columns_of: tuple = (),
 ) -> StatsRequest | None:
     """Columns and centres for :func:`closed_form_from_stats`, or None when some block
-    needs more than per-component weighted sums (then the M-step uses full gamma)."""
+    needs more than per-component weighted sums (then the M-step uses full gamma).
+    ``columns_of[i]`` (optional) returns MvNormal block ``i``'s columns for its data,
+    cached across E-steps (:class:`ppl_em.mvnormal.ColumnCache`)."""
     columns, centres, index = [], [], {}
     for b, block in enumerate(plan.blocks):
         if block.data_name is None:
@@ -212,8 +215,11 @@ def stats_request(
                 return None
     means = []
     for i, spec in enumerate(plan.mvn):
-        x = np.asarray(data[spec.data_name], dtype=float).reshape(n_obs, -1)
-        mean, named = mvn_columns(x)
+        raw = np.asarray(data[spec.data_name])
+        if columns_of:
+            mean, named = columns_of[i](raw)
+        else:
+            mean, named = mvn_columns(np.asarray(raw, dtype=float).reshape(n_obs, -1))
         means.append(mean)
         for name, col in named:
             index[("mvn", i, *name)] = len(columns)

@@ -149,6 +149,14 @@ def _layout(graph: MixtureGraph) -> FlatLayout:
     )
 
 
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A read-only copy: statistics derived from the data once per fit (the MvNormal
+    product columns) stay valid only if nobody writes to it afterwards."""
+    out = np.array(array, copy=True)
+    out.flags.writeable = False
+    return out
+
+
 def _data_inputs(graph: MixtureGraph) -> tuple[dict, list, tuple[str, ...], tuple]:
     """Swap each observed constant for a symbolic input of the same static type."""
     replace, inputs, names, arrays = {}, [], [], []
@@ -159,7 +167,7 @@ def _data_inputs(graph: MixtureGraph) -> tuple[dict, list, tuple[str, ...], tupl
             replace[value] = sym
             inputs.append(sym)
             names.append(rv.name)
-            arrays.append(observed_data(graph.model, rv))
+            arrays.append(_frozen(observed_data(graph.model, rv)))
     return replace, inputs, tuple(names), tuple(arrays)
 
 

@@ -71,7 +71,10 @@ def _request(functions: EMFunctions, config: MStepConfig | None, u: np.ndarray):
     graph = functions.graph
     params = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
     data = dict(zip(functions.data_names, functions.data, strict=True))
-    return stats_request(config.plan, data, params, graph.n_obs, graph.n_components, graph.kind)
+    caches = tuple(update.columns for update in config.mvn)
+    return stats_request(
+        config.plan, data, params, graph.n_obs, graph.n_components, graph.kind, caches
+    )
 
 
 def em_init(functions: EMFunctions, u: np.ndarray, config: MStepConfig | None = None) -> EMState:

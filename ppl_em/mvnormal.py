@@ -181,6 +181,7 @@ class MvnUpdate(NamedTuple):
     params: Callable
     pattern: np.ndarray
     groups: tuple[np.ndarray, ...]
+    columns: ColumnCache
 
 
 def weighted_moments(gamma: np.ndarray, x: np.ndarray, reg_covar: float = 0.0):
@@ -208,6 +209,23 @@ def mvn_columns(x: np.ndarray) -> tuple[np.ndarray, list]:
     named = [(("x", a), np.ascontiguousarray(xc[:, a])) for a in range(d)]
     named += [(("xx", a, b), xc[:, a] * xc[:, b]) for a in range(d) for b in range(a + 1, d)]
     return mean, named
+
+
+class ColumnCache:
+    """:func:`mvn_columns` of the last data array seen. The compiled functions' data are
+    read-only copies (``ppl_em.compile``), fixed for a fit and replaced, not written,
+    by ``with_data``; so the centred products are computed once per dataset, not once
+    per E-step (36 ms of 160 per iteration at N=10^6, D=4)."""
+
+    def __init__(self) -> None:
+        self._data: np.ndarray | None = None
+        self._value: tuple | None = None
+
+    def __call__(self, data: np.ndarray) -> tuple[np.ndarray, list]:
+        if self._data is not data or data.flags.writeable:
+            x = np.asarray(data, dtype=float).reshape(data.shape[0], -1)
+            self._data, self._value = data, mvn_columns(x)
+        return self._value
 
 
 def moments_from_stats(nk: np.ndarray, stats, request, i: int, reg_covar: float = 0.0):
@@ -283,7 +301,8 @@ def solve_params(
     def jacobian(sub):
         full[cols] = sub
         base = update.params(full)
-        return whiten(_fd_jacobian(update.params, full, cols, sub, base, *update[2:]))
+        jac = _fd_jacobian(update.params, full, cols, sub, base, update.pattern, update.groups)
+        return whiten(jac)
 
     with np.errstate(all="ignore"):
         x = _gauss_newton(residual, jacobian, u[cols])
@@ -371,4 +390,4 @@ def compile_update(functions: EMFunctions, spec: MvnSpec) -> MvnUpdate:
     mask = np.zeros(layout.size, dtype=bool)
     for name, sl in zip(layout.rv_names, layout.slices, strict=True):
         mask[sl] = name in names
-    return MvnUpdate(mask, params, *_sparsity(params, mask))
+    return MvnUpdate(mask, params, *_sparsity(params, mask), ColumnCache())

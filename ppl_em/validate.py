@@ -174,7 +174,9 @@ def _check_array(name: str, new: Any, old: np.ndarray) -> np.ndarray:
             f"data for {name!r} must be integers (its distribution is discrete) but index "
             f"{bad} holds {arr[bad].item()!r}; casting would silently truncate it."
         )
-    return arr.astype(old.dtype)
+    out = arr.astype(old.dtype)  # a copy: later writes to the caller's array change nothing
+    out.flags.writeable = False
+    return out
 
 
 def with_data(prepared, **arrays: Any):

@@ -252,3 +252,26 @@ def test_singular_target_is_refused():
     mu, cov = weighted_moments(gamma, x)
     assert np.linalg.matrix_rank(cov[1]) == 1
     assert solve_params(closed.mvn[0], u0, mu, cov) is None
+
+
+def test_product_columns_are_computed_once_per_dataset():
+    from ppl_em.mvnormal import ColumnCache
+
+    x = blobs(100, 2, 3)
+    prepared = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
+    (data,) = prepared.functions.data
+    assert not data.flags.writeable  # compiled data are read-only copies
+    cache = ColumnCache()
+    first = cache(data)
+    assert cache(data) is first
+    writable = data.copy()
+    again = cache(writable)
+    assert again is not first and cache(writable) is not again  # never trusted
+    np.testing.assert_array_equal(again[0], first[0])
+    # a refit on new data goes through with_data, which freezes its copy
+    moved = ppl_em.with_data(prepared, x=x + 1.0)
+    assert not moved.functions.data[0].flags.writeable
+    res = ppl_em.fit(prepared=moved, random_seed=0, progressbar=False)
+    ref = ppl_em.fit(flat_cholesky_mixture(x + 1.0, 2), mode="mle", random_seed=0,
+                     progressbar=False)  # fmt: skip
+    assert res.loglik == pytest.approx(ref.loglik, rel=1e-10)

@@ -207,3 +207,13 @@ def test_label_with_per_observation_probabilities_joint_matches_scipy():
         axis=1,
     )
     np.testing.assert_allclose(joint, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_writing_to_the_users_array_after_prepare_changes_nothing():
+    x = gaussian_data(300, seed=3)
+    model = _flat_gaussian_mixture(x)
+    prepared = ppl_em.prepare(model, mode="mle")
+    before = ppl_em.fit(prepared=prepared, random_seed=0, progressbar=False)
+    x[:] = 0.0  # the caller reuses its buffer
+    after = ppl_em.fit(prepared=prepared, random_seed=0, progressbar=False)
+    assert after.loglik == before.loglik
