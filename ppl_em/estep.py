@@ -104,11 +104,11 @@ def _label_joint(graph: MixtureGraph) -> TensorVariable:
     model = graph.model
     label = graph.label_rv
     label_value = model.rvs_to_values[label]
-    terms = model.logp(vars=[label, *graph.dependents], sum=False, jacobian=False)
-    n, k = graph.n_obs, graph.n_components
     fast = _label_joint_broadcast(graph)
     if fast is not None:
         return fast.T
+    terms = model.logp(vars=[label, *graph.dependents], sum=False, jacobian=False)
+    n, k = graph.n_obs, graph.n_components
     domain = pt.arange(k, dtype=label_value.dtype)
     try:
         batched = pt.repeat(domain[:, None], n, axis=1)

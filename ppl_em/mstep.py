@@ -150,7 +150,7 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, gam
     )
     f_best, best = seen["best"]
     out = u.copy()
-    out[mask] = best if f_best <= f0 else start
+    out[mask] = best if best is not None and f_best <= f0 else start
     return out
 
 

@@ -217,3 +217,19 @@ def test_writing_to_the_users_array_after_prepare_changes_nothing():
     x[:] = 0.0  # the caller reuses its buffer
     after = ppl_em.fit(prepared=prepared, random_seed=0, progressbar=False)
     assert after.loglik == before.loglik
+
+
+def test_label_joint_fallback_equals_row_by_row(monkeypatch):
+    """Where an Op insists on the label's own length, the joint is vectorised over a
+    full (K, N) domain instead (as pymc-extras does); both constructions must agree."""
+    from ppl_em import estep
+
+    x = gaussian_data(200, seed=6)
+    u = np.array([0.3, -0.2, -3.0, 0.5, 4.0, 0.1, -0.3, 0.4])
+    fast = ppl_em.prepare(_gaussian_label_flat(x), mode="mle").functions
+    monkeypatch.setattr(estep, "_label_joint_broadcast", lambda graph: None)
+    slow = ppl_em.prepare(_gaussian_label_flat(x), mode="mle").functions
+    assert fast.layout.size == u.size
+    np.testing.assert_allclose(
+        fast.joint(u, *fast.data), slow.joint(u, *slow.data), rtol=1e-12, atol=1e-12
+    )
