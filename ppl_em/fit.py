@@ -15,6 +15,7 @@ from ppl_em.em import EMRun, run_em
 from ppl_em.graph import analyse_model
 from ppl_em.init import apply_start, default_start
 from ppl_em.mstep import MStepConfig, make_mstep_config
+from ppl_em.recognise import build_plan
 from ppl_em.result import EMResult
 from ppl_em.validate import apply_reg_covar, check_fit_args, check_support, observed_columns
 
@@ -37,11 +38,12 @@ def prepare(
     """Analyse and compile ``model`` once; pass the result to :func:`fit` as ``prepared``.
 
     ``backend`` (``"auto"``, ``"c"``, ``"numba"``, ``"python"``) picks how PyTensor runs
-    the compiled functions; ``"auto"`` avoids C compilation for small problems (a fast
-    cold start), ``"c"`` is fastest per iteration once its cache is warm.
+    the compiled functions; ``"auto"`` avoids C compilation for small closed-form
+    problems (a fast cold start), ``"c"`` is fastest per iteration once its cache is warm.
     """
     graph = analyse_model(model, latent)
-    functions = build_em_functions(graph, mode, backend=backend)
+    numeric = mstep == "numeric" or bool(build_plan(graph, mode).reasons)
+    functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
     return PreparedEM(functions, make_mstep_config(functions, mstep))
 
 
