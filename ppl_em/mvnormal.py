@@ -6,9 +6,10 @@ it is maximised by the responsibility-weighted mean and covariance, the update o
 scikit-learn's ``covariance_type="full"``. Users write covariances in many ways
 (``pm.LKJCholeskyCov`` factors, standard deviations and correlations, free Cholesky
 entries), so rather than recognise each, ppl_em maps the closed-form ``(mu_k, Sigma_k)``
-back to the free variables by solving ``params(u) = target`` with Levenberg-Marquardt on
-the model's own parameter graph and its exact PyTensor Jacobian. That solve has
-``K (D + D(D+1)/2)`` unknowns and nothing in it grows with N. It is exact when the
+back to the free variables by solving ``params(u) = target`` on the model's own compiled
+parameter map: Gauss-Newton from the previous solution (2-3 steps near convergence),
+Levenberg-Marquardt if that stalls, with a forward-difference Jacobian grouped by
+sparsity. That solve has ``K (D + D(D+1)/2)`` unknowns and nothing in it grows with N. It is exact when the
 parameterisation is one-to-one, which the plan checks by counting; if a solve still
 misses the target, the M-step maximises Q numerically over those variables instead.
 """
