@@ -9,9 +9,10 @@ entries), so rather than recognise each, ppl_em maps the closed-form ``(mu_k, Si
 back to the free variables by solving ``params(u) = target`` on the model's own compiled
 parameter map: Gauss-Newton from the previous solution (2-3 steps near convergence),
 Levenberg-Marquardt if that stalls, with a forward-difference Jacobian grouped by
-sparsity. That solve has ``K (D + D(D+1)/2)`` unknowns and nothing in it grows with N. It is exact when the
-parameterisation is one-to-one, which the plan checks by counting; if a solve still
-misses the target, the M-step maximises Q numerically over those variables instead.
+sparsity. That solve has ``K (D + D(D+1)/2)`` unknowns and nothing in it grows with N.
+It is exact when the parameterisation is one-to-one, which the plan checks by counting;
+if a solve still misses the target, the M-step maximises Q numerically over those
+variables instead.
 """
 
 from __future__ import annotations
