@@ -275,3 +275,28 @@ def test_product_columns_are_computed_once_per_dataset():
     ref = ppl_em.fit(flat_cholesky_mixture(x + 1.0, 2), mode="mle", random_seed=0,
                      progressbar=False)  # fmt: skip
     assert res.loglik == pytest.approx(ref.loglik, rel=1e-10)
+
+
+def test_batched_component_equals_list_of_components():
+    """One batched ``pm.MvNormal.dist(mu=(K, D), chol=(K, D, D))`` component is the same
+    mixture as K separate components, and gets the same closed-form fit."""
+    x = blobs(400, 2, 3)
+    d, k = 3, 2
+    rows, cols = np.tril_indices(d, -1)
+    with pm.Model() as batched:
+        w = pm.Dirichlet("w", a=np.ones(k))
+        mu = pm.Flat("mu", shape=(k, d))
+        sd = pm.HalfFlat("sd", shape=(k, d))
+        off = pm.Flat("off", shape=(k, len(rows)))
+        chol = pt.zeros((k, d, d))
+        chol = pt.set_subtensor(chol[:, np.arange(d), np.arange(d)], sd)
+        chol = pt.set_subtensor(chol[:, rows, cols], off)
+        pm.Mixture("x", w=w, comp_dists=pm.MvNormal.dist(mu=mu, chol=chol), observed=x)
+    prepared = ppl_em.prepare(batched, mode="mle")
+    assert len(prepared.config.plan.mvn) == 1 and not prepared.config.numeric_mask.any()
+    options = dict(random_seed=0, tol=1e-12, progressbar=False)
+    a = ppl_em.fit(prepared=prepared, **options)
+    b = ppl_em.fit(flat_cholesky_mixture(x, k), mode="mle", **options)
+    assert a.loglik == pytest.approx(b.loglik, rel=1e-12)
+    for name in ("w", "mu", "sd", "off"):
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-8, atol=1e-10)
