@@ -42,9 +42,10 @@ def prepare(
     problems (a fast cold start), ``"c"`` is fastest per iteration once its cache is warm.
     """
     graph = analyse_model(model, latent)
-    numeric = mstep == "numeric" or bool(build_plan(graph, mode).reasons)
+    plan = build_plan(graph, mode)
+    numeric = mstep == "numeric" or bool(plan.reasons)
     functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
-    return PreparedEM(functions, make_mstep_config(functions, mstep))
+    return PreparedEM(functions, make_mstep_config(functions, mstep, plan=plan))
 
 
 def _choose(functions: EMFunctions, runs: list[EMRun]) -> tuple[EMRun, dict]:

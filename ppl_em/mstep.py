@@ -47,14 +47,18 @@ class MStepConfig(NamedTuple):
 
 
 def make_mstep_config(
-    functions: EMFunctions, mstep: str = "auto", grad_reduction: float = GEM_GRAD_REDUCTION
+    functions: EMFunctions,
+    mstep: str = "auto",
+    grad_reduction: float = GEM_GRAD_REDUCTION,
+    plan: ClosedFormPlan | None = None,
 ) -> MStepConfig:
     """Choose closed-form and numeric variables for ``mstep`` in ``MSTEPS``; each
     numeric M-step stops when Q's gradient has shrunk by ``grad_reduction`` (0 for the
-    exact maximiser)."""
+    exact maximiser). ``plan`` is ``build_plan``'s result if the caller already has it."""
     if mstep not in MSTEPS:
         raise ValueError(f"mstep={mstep!r} is not one of {MSTEPS}.")
-    plan = build_plan(functions.graph, functions.mode)
+    if plan is None:
+        plan = build_plan(functions.graph, functions.mode)
     if mstep == "numeric":
         plan = ClosedFormPlan((), frozenset(), dict(plan.reasons))
     if mstep == "closed" and plan.reasons:

@@ -26,8 +26,9 @@ def blobs(n: int, k: int, d: int, seed: int = 5) -> np.ndarray:
     return centres[z] + np.einsum("nij,nj->ni", mix[z], rng.normal(size=(n, d)))
 
 
-def flat_cholesky_mixture(x: np.ndarray, k: int) -> pm.Model:
-    """Cholesky factors from free standard deviations and off-diagonal entries."""
+def flat_cholesky_mixture(x: np.ndarray, k: int, batched: bool = False) -> pm.Model:
+    """Cholesky factors from free standard deviations and off-diagonal entries; K
+    components, or with ``batched`` one component with a leading axis of length K."""
     d = x.shape[1]
     rows, cols = np.tril_indices(d, -1)
     with pm.Model() as model:
@@ -38,7 +39,10 @@ def flat_cholesky_mixture(x: np.ndarray, k: int) -> pm.Model:
         chol = pt.zeros((k, d, d))
         chol = pt.set_subtensor(chol[:, np.arange(d), np.arange(d)], sd)
         chol = pt.set_subtensor(chol[:, rows, cols], off)
-        comps = [pm.MvNormal.dist(mu=mu[j], chol=chol[j]) for j in range(k)]
+        if batched:
+            comps = pm.MvNormal.dist(mu=mu, chol=chol)
+        else:
+            comps = [pm.MvNormal.dist(mu=mu[j], chol=chol[j]) for j in range(k)]
         pm.Mixture("x", w=w, comp_dists=comps, observed=x)
     return model
 
@@ -280,19 +284,8 @@ def test_product_columns_are_computed_once_per_dataset():
 def test_batched_component_equals_list_of_components():
     """One batched ``pm.MvNormal.dist(mu=(K, D), chol=(K, D, D))`` component is the same
     mixture as K separate components, and gets the same closed-form fit."""
-    x = blobs(400, 2, 3)
-    d, k = 3, 2
-    rows, cols = np.tril_indices(d, -1)
-    with pm.Model() as batched:
-        w = pm.Dirichlet("w", a=np.ones(k))
-        mu = pm.Flat("mu", shape=(k, d))
-        sd = pm.HalfFlat("sd", shape=(k, d))
-        off = pm.Flat("off", shape=(k, len(rows)))
-        chol = pt.zeros((k, d, d))
-        chol = pt.set_subtensor(chol[:, np.arange(d), np.arange(d)], sd)
-        chol = pt.set_subtensor(chol[:, rows, cols], off)
-        pm.Mixture("x", w=w, comp_dists=pm.MvNormal.dist(mu=mu, chol=chol), observed=x)
-    prepared = ppl_em.prepare(batched, mode="mle")
+    x, k = blobs(400, 2, 3), 2
+    prepared = ppl_em.prepare(flat_cholesky_mixture(x, k, batched=True), mode="mle")
     assert len(prepared.config.plan.mvn) == 1 and not prepared.config.numeric_mask.any()
     options = dict(random_seed=0, tol=1e-12, progressbar=False)
     a = ppl_em.fit(prepared=prepared, **options)
