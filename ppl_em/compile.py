@@ -27,9 +27,11 @@ from pytensor.compile.mode import Mode, get_mode
 from pytensor.graph.replace import graph_replace
 from pytensor.link.vm import VMLinker
 from pytensor.tensor import TensorConstant, TensorVariable
+from threadpoolctl import ThreadpoolController
 
 from ppl_em.estep import fused_estep, objective_graphs
 from ppl_em.graph import MixtureGraph, observed_data
+from ppl_em.rewrites import solves_as_products
 
 MODES = ("map", "mle")
 
@@ -62,6 +64,8 @@ class EMFunctions(NamedTuple):
       of parameters that other transforms depend on.
     - ``joint_terms(u, *data) -> (L.T[K, N], extra_loglik, logprior)``, the one compiled
       graph behind ``estep`` and ``joint``.
+    - ``blas``: the process's BLAS thread pools, which the EM loop limits to one thread
+      during an E-step (:func:`ppl_em.em.em_init` says why).
     """
 
     graph: MixtureGraph
@@ -75,6 +79,7 @@ class EMFunctions(NamedTuple):
     constrain: Callable
     unconstrain: Callable
     joint_terms: Callable | None = None
+    blas: ThreadpoolController | None = None
 
 
 BACKENDS = ("auto", "c", "numba", "python")
@@ -235,7 +240,8 @@ def build_em_functions(
 
     # K x N: the label's graph is built that way, and PyTensor lifts the transpose into
     # a Mixture's elementwise graph, so the fused E-step reads contiguous rows.
-    joint_terms = LazyFunction([flat, *data_inputs], [joint.T, extra, logprior], big)
+    (fast_joint,) = solves_as_products([joint])
+    joint_terms = LazyFunction([flat, *data_inputs], [fast_joint.T, extra, logprior], big)
     return EMFunctions(
         graph=graph,
         mode=mode,
@@ -251,4 +257,6 @@ def build_em_functions(
         constrain=LazyFunction([flat], constrained, tiny),
         unconstrain=LazyFunction([flat, *param_inputs], forward, tiny),
         joint_terms=joint_terms,
+        # Created here, after NumPy's and SciPy's BLAS libraries are loaded.
+        blas=ThreadpoolController(),
     )

@@ -15,6 +15,7 @@ N x K joint per iteration and no N x K temporaries in the M-step.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -64,17 +65,24 @@ def _nonfinite_message(functions: EMFunctions, log_resp: np.ndarray) -> str:
     )
 
 
-def _request(functions: EMFunctions, config: MStepConfig | None, u: np.ndarray):
+def _request(functions: EMFunctions, config: MStepConfig | None):
     """The statistics the closed-form M-step needs, or None if it needs full gamma."""
     if config is None or not config.plan.blocks or config.numeric_mask.any():
         return None
     graph = functions.graph
-    params = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
     data = dict(zip(functions.data_names, functions.data, strict=True))
-    caches = tuple(update.columns for update in config.mvn)
-    return stats_request(
-        config.plan, data, params, graph.n_obs, graph.n_components, graph.kind, caches
-    )
+    build = stats_request if config.requests is None else config.requests
+    return build(config.plan, data, graph.n_obs, graph.n_components, graph.kind)
+
+
+def _one_blas_thread(functions: EMFunctions):
+    """One BLAS thread for the E-step's many small products (the chunked sums, an
+    MvNormal's whitening). With OpenBLAS's default pools, NumPy's and SciPy's threads
+    spin against each other and against the elementwise work on a 2-core machine:
+    measured at N=10^6, D=4, K=3, 105 ms per iteration with threads, 64 ms without."""
+    if functions.blas is None:
+        return nullcontext()
+    return functions.blas.limit(limits=1, user_api="blas")
 
 
 def em_init(functions: EMFunctions, u: np.ndarray, config: MStepConfig | None = None) -> EMState:
@@ -83,12 +91,11 @@ def em_init(functions: EMFunctions, u: np.ndarray, config: MStepConfig | None = 
     With ``config`` whose variables are all closed-form, the state also carries the
     expected sufficient statistics for :func:`em_step`, computed in the same pass.
     """
-    request = _request(functions, config, u)
-    joint, extra, logprior = functions.joint_terms(u, *functions.data)
-    if request is None:
-        log_resp, loglik, stats = fused_estep(joint)
-    else:
-        log_resp, loglik, stats = fused_estep(joint, request.columns, request.centres)
+    request = _request(functions, config)
+    columns = None if request is None else request.columns
+    with _one_blas_thread(functions):
+        joint, extra, logprior = functions.joint_terms(u, *functions.data)
+        log_resp, loglik, stats = fused_estep(joint, columns)
     loglik, logprior = loglik + float(extra), float(logprior)
     objective = loglik + logprior if functions.mode == "map" else loglik
     if not np.isfinite(objective):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import minimize
 
-from ppl_em.closed_form import closed_form_update
+from ppl_em.closed_form import RequestCache, closed_form_update
 from ppl_em.compile import EMFunctions
 from ppl_em.errors import ClosedFormUnavailableError
 from ppl_em.mvnormal import MvnUpdate, compile_update, solve_params, weighted_moments
@@ -44,6 +44,7 @@ class MStepConfig(NamedTuple):
     gtol: float = 1e-10
     mvn: tuple[MvnUpdate, ...] = ()
     grad_reduction: float = GEM_GRAD_REDUCTION
+    requests: RequestCache | None = None
 
 
 def make_mstep_config(
@@ -72,7 +73,13 @@ def make_mstep_config(
     for name, sl in zip(layout.rv_names, layout.slices, strict=True):
         mask[sl] = name not in plan.closed
     mvn = tuple(compile_update(functions, spec) for spec in plan.mvn)
-    return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction)
+    return MStepConfig(
+        plan=plan,
+        numeric_mask=mask,
+        mvn=mvn,
+        grad_reduction=grad_reduction,
+        requests=RequestCache(),
+    )
 
 
 def closed_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, gamma: np.ndarray):

@@ -220,9 +220,9 @@ def _fused_moments(x: np.ndarray, log_gamma: np.ndarray):
     from ppl_em.recognise import ClosedFormPlan
 
     plan = ClosedFormPlan((), frozenset(), {}, (MvnSpec("x", (), None, None),))
-    request = stats_request(plan, {"x": x}, {}, len(x), log_gamma.shape[1], "mixture")
+    request = stats_request(plan, {"x": x}, len(x), log_gamma.shape[1], "mixture")
     # fused_estep normalises its input row-wise: log_gamma is its own log-softmax.
-    _, _, stats = fused_estep(log_gamma.T.copy(), request.columns, request.centres)
+    _, _, stats = fused_estep(log_gamma.T.copy(), request.columns)
     return moments_from_stats(stats.nk, stats, request, 0)
 
 
@@ -259,19 +259,19 @@ def test_singular_target_is_refused():
 
 
 def test_product_columns_are_computed_once_per_dataset():
-    from ppl_em.mvnormal import ColumnCache
+    from ppl_em.closed_form import RequestCache
 
     x = blobs(100, 2, 3)
     prepared = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
     (data,) = prepared.functions.data
     assert not data.flags.writeable  # compiled data are read-only copies
-    cache = ColumnCache()
-    first = cache(data)
-    assert cache(data) is first
+    cache, plan = RequestCache(), prepared.config.plan
+    first = cache(plan, {"x": data}, 100, 2, "mixture")
+    assert cache(plan, {"x": data}, 100, 2, "mixture") is first
     writable = data.copy()
-    again = cache(writable)
-    assert again is not first and cache(writable) is not again  # never trusted
-    np.testing.assert_array_equal(again[0], first[0])
+    again = cache(plan, {"x": writable}, 100, 2, "mixture")
+    assert again is not first and cache(plan, {"x": writable}, 100, 2, "mixture") is not again
+    np.testing.assert_array_equal(again.columns, first.columns)
     # a refit on new data goes through with_data, which freezes its copy
     moved = ppl_em.with_data(prepared, x=x + 1.0)
     assert not moved.functions.data[0].flags.writeable

@@ -1,0 +1,114 @@
+"""The joint graph's speed rewrites keep its value: triangular solves with many
+right-hand sides become products with the inverted factor (checked against SciPy's
+MvNormal density), and the E-step's one-thread BLAS limit is undone afterwards."""
+
+import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.tensor.slinalg import SolveTriangular
+from scipy import stats
+
+import ppl_em
+from ppl_em.rewrites import MANY_RHS, solves_as_products
+from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
+
+
+def _solves(outputs) -> list:
+    """Triangular solves in ``outputs``' graph, Blockwise-wrapped or not."""
+    found = []
+    for node in applys_between(list(graph_inputs(outputs)), outputs):
+        op = getattr(node.op, "core_op", node.op)
+        if isinstance(op, SolveTriangular):
+            found.append(node)
+    return found
+
+
+def test_mixture_joint_equals_scipy_after_rewrite():
+    k, d, n = 3, 4, 2 * MANY_RHS
+    x = blobs(n, k, d)
+    functions, _ = ppl_em.prepare(flat_cholesky_mixture(x, k), mode="mle")
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.ones(k))
+    mu, sd = rng.normal(size=(k, d)), rng.uniform(0.5, 2.0, size=(k, d))
+    off = rng.normal(scale=0.3, size=(k, d * (d - 1) // 2))
+    start = {"w": w, "mu": mu, "sd": sd, "off": off}
+    u = ppl_em.apply_start(functions, start, np.zeros(functions.layout.size))
+    chol = _chol_from_flat(sd, off)
+    expected = np.stack(
+        [np.log(w[j]) + stats.multivariate_normal(mu[j], chol[j] @ chol[j].T).logpdf(x)
+         for j in range(k)], axis=1,
+    )  # fmt: skip
+    np.testing.assert_allclose(functions.joint(u, *functions.data), expected, rtol=1e-12)
+    # the compiled joint has only the D x D inversions left (identity right-hand side)
+    _, outputs, _ = functions.joint_terms._graph
+    for node in _solves(outputs):
+        assert node.inputs[1].type.shape[-1] == d and node.inputs[1].type.shape[0] == d
+
+
+def test_label_model_rewritten_and_unchanged():
+    model = gaussian_2d_label(n=300)
+    model_joint, config = ppl_em.prepare(model, mode="map")
+    u = ppl_em.default_start(model_joint, config, np.random.default_rng(1))
+    _, outputs, _ = model_joint.joint_terms._graph
+    assert not any(node.inputs[1].type.shape[0] == 300 for node in _solves(outputs))
+    # the same graph without the rewrite (MANY_RHS above N) gives the same joint
+    import ppl_em.rewrites as rewrites
+
+    original = rewrites.MANY_RHS
+    try:
+        rewrites.MANY_RHS = 10**9
+        plain = ppl_em.prepare(gaussian_2d_label(n=300), mode="map").functions
+    finally:
+        rewrites.MANY_RHS = original
+    _, plain_outputs, _ = plain.joint_terms._graph
+    assert any(node.inputs[1].type.shape[0] == 300 for node in _solves(plain_outputs))
+    np.testing.assert_allclose(
+        model_joint.joint(u, *model_joint.data), plain.joint(u, *plain.data), rtol=1e-12
+    )
+
+
+def test_per_observation_factors_are_left_alone():
+    """A factor per observation (batch N) is not one shared factor: no product form."""
+    n, d = 2 * MANY_RHS, 2
+    chol = pt.tensor("chol", shape=(n, d, d))
+    b = pt.tensor("b", shape=(n, d))
+    (solved,) = solves_as_products([pt.linalg.solve_triangular(chol, b[..., None])[..., 0]])
+    assert len(_solves([solved])) == 1
+    shared = pt.tensor("shared", shape=(1, d, d))
+    solve = pt.vectorize(
+        lambda a, v: pt.linalg.solve_triangular(a, v, lower=True), "(m,m),(m)->(m)"
+    )
+    (rewritten,) = solves_as_products([solve(shared, b)])
+    rng = np.random.default_rng(2)
+    a = np.tril(rng.normal(size=(1, d, d))) + 3 * np.eye(d)
+    v = rng.normal(size=(n, d))
+    expected = np.linalg.solve(a[0], v.T).T
+    np.testing.assert_allclose(rewritten.eval({shared: a, b: v}), expected, rtol=1e-12)
+    assert all(node.inputs[1].type.shape[0] == d for node in _solves([rewritten]))
+
+
+def _blas_threads(functions) -> list[int]:
+    return [p["num_threads"] for p in functions.blas.info() if p["user_api"] == "blas"]
+
+
+def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
+    x = blobs(300, 2, 2)
+    functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
+    seen = []
+    import ppl_em.em as em
+
+    real = em.fused_estep
+
+    def spy(*args):
+        seen.append(_blas_threads(functions))
+        return real(*args)
+
+    monkeypatch.setattr(em, "fused_estep", spy)
+    # two threads outside, whatever this machine's default, so the check can fail
+    with functions.blas.limit(limits=2, user_api="blas"):
+        before = _blas_threads(functions)
+        ppl_em.em_init(functions, ppl_em.default_start(functions, config, None), config)
+        after = _blas_threads(functions)
+    assert before and all(n == 2 for n in before)
+    assert seen and all(n == 1 for n in seen[0])
+    assert after == before
