@@ -204,10 +204,10 @@ class EStepStats(NamedTuple):
 # needs, while the per-call overhead (~1 us each) stays small next to the work; measured
 # at N=10^6, K=3: 8192 -> 9.5 ms, 16384 -> 9.4 ms, 32768 -> 8.5 ms, 65536 -> 8.3 ms.
 CHUNK = 32768
-# Threads share the fused pass from this many observations. Measured at K=3 on 2 vCPUs
-# (median of 9, serial vs 2 threads): 10^5: 1.2 vs 1.8 ms, 10^6: 10.8 vs 11.1 ms,
-# 2x10^6: 21 vs 20 ms, 4x10^6: 42 vs 36 ms, 10^7: 108 vs 67 ms; in cache the chunks are
-# compute-bound and the two vCPUs share a core, out of cache they overlap memory waits.
+# Threads share the fused pass from this many observations. Measured at K=3, two
+# columns, one BLAS thread, 2 cores (median of 9, serial vs 2 threads): 10^6: 9.6 vs
+# 9.9 ms, 2x10^6: 19.8 vs 16.0, 4x10^6: 39 vs 31, 10^7: 94 vs 62; in cache the chunks
+# are short NumPy calls that contend for the GIL, out of cache they overlap memory waits.
 PARALLEL_MIN = 2_000_000
 MAX_WORKERS = 4
 
