@@ -79,7 +79,8 @@ def _one_blas_thread(functions: EMFunctions):
     """One BLAS thread for the E-step's many small products (the chunked sums, an
     MvNormal's whitening). With OpenBLAS's default pools, NumPy's and SciPy's threads
     spin against each other and against the elementwise work on a 2-core machine:
-    measured at N=10^6, D=4, K=3, 105 ms per iteration with threads, 64 ms without."""
+    measured at N=10^6, D=4, K=3: 113-203 ms per iteration with the default threads (three
+    runs), 63-65 ms with one."""
     if functions.blas is None:
         return nullcontext()
     return functions.blas.limit(limits=1, user_api="blas")
