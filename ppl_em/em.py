@@ -15,13 +15,12 @@ N x K joint per iteration and no N x K temporaries in the M-step.
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
 
 from ppl_em.closed_form import StatsRequest, closed_form_from_stats, stats_request
-from ppl_em.compile import EMFunctions
+from ppl_em.compile import EMFunctions, one_blas_thread
 from ppl_em.errors import ConvergenceWarning, DataError, NonMonotoneWarning
 from ppl_em.estep import EStepStats, fused_estep
 from ppl_em.mstep import MStepConfig, mstep
@@ -75,17 +74,6 @@ def _request(functions: EMFunctions, config: MStepConfig | None):
     return build(config.plan, data, graph.n_obs, graph.n_components, graph.kind)
 
 
-def _one_blas_thread(functions: EMFunctions):
-    """One BLAS thread for the E-step's many small products (the chunked sums, an
-    MvNormal's whitening). With OpenBLAS's default pools, NumPy's and SciPy's threads
-    spin against each other and against the elementwise work on a 2-core machine:
-    measured at N=10^6, D=4, K=3: 113-203 ms per iteration with the default threads (three
-    runs), 63-65 ms with one."""
-    if functions.blas is None:
-        return nullcontext()
-    return functions.blas.limit(limits=1, user_api="blas")
-
-
 def em_init(functions: EMFunctions, u: np.ndarray, config: MStepConfig | None = None) -> EMState:
     """E-step at ``u``: responsibilities and objective.
 
@@ -94,7 +82,7 @@ def em_init(functions: EMFunctions, u: np.ndarray, config: MStepConfig | None = 
     """
     request = _request(functions, config)
     columns = None if request is None else request.columns
-    with _one_blas_thread(functions):
+    with one_blas_thread(functions.blas):
         joint, extra, logprior = functions.joint_terms(u, *functions.data)
         log_resp, loglik, stats = fused_estep(joint, columns)
     loglik, logprior = loglik + float(extra), float(logprior)

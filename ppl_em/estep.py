@@ -41,10 +41,11 @@ class ObjectiveGraphs(NamedTuple):
     logprior: TensorVariable
 
 
-def _reduce_to_rows(term: TensorVariable) -> TensorVariable:
-    """Sum every axis after (K, N): several values per observation share one label."""
-    if term.ndim > 2:
-        term = term.sum(axis=tuple(range(2, term.ndim)))
+def _sum_after(term: TensorVariable, keep: int) -> TensorVariable:
+    """Sum every axis after the first ``keep`` ((K, N) or (N,)): several values per
+    observation share one label."""
+    if term.ndim > keep:
+        term = term.sum(axis=tuple(range(keep, term.ndim)))
     return term
 
 
@@ -87,17 +88,12 @@ def _label_joint_broadcast(graph: MixtureGraph) -> TensorVariable | None:
         for j in range(k):
             one = pt.full((1,), j, dtype=label_value.dtype)
             copy = pytensor.clone_replace(unpinned, {label_value: one}, rebuild_strict=False)
-            rows.append(_label_logp_of(graph, j) + sum(_reduce_rows_1d(t) for t in copy))
+            rows.append(_label_logp_of(graph, j) + sum(_sum_after(t, 1) for t in copy))
     except Exception:  # any Op that insists on the label's own shape
         return None
     if any(r.ndim != 1 or r.type.shape[0] not in (n, 1) for r in rows):
         return None
     return pt.stack([pt.broadcast_to(r, (n,)) for r in rows])
-
-
-def _reduce_rows_1d(term: TensorVariable) -> TensorVariable:
-    """Sum every axis after the observation axis."""
-    return term.sum(axis=tuple(range(1, term.ndim))) if term.ndim > 1 else term
 
 
 def _label_joint(graph: MixtureGraph) -> TensorVariable:
@@ -121,7 +117,7 @@ def _label_joint(graph: MixtureGraph) -> TensorVariable:
             for j in range(k)
         ]
         stacked = [pt.stack([p[t] for p in per_k]) for t in range(len(terms))]
-    total = sum(_reduce_to_rows(t) for t in stacked)
+    total = sum(_sum_after(t, 2) for t in stacked)
     return total.T
 
 

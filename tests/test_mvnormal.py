@@ -268,6 +268,10 @@ def test_product_columns_are_computed_once_per_dataset():
     cache, plan = RequestCache(), prepared.config.plan
     first = cache(plan, {"x": data}, 100, 2, "mixture")
     assert cache(plan, {"x": data}, 100, 2, "mixture") is first
+    # a new plan (fit(reg_covar=...) makes one) is never served the old plan's columns
+    renewed = plan._replace(mvn=plan.mvn)
+    rebuilt = cache(renewed, {"x": data}, 100, 2, "mixture")
+    assert rebuilt is not first and cache(renewed, {"x": data}, 100, 2, "mixture") is rebuilt
     writable = data.copy()
     again = cache(plan, {"x": writable}, 100, 2, "mixture")
     assert again is not first and cache(plan, {"x": writable}, 100, 2, "mixture") is not again

@@ -45,7 +45,7 @@ def test_mixture_joint_equals_scipy_after_rewrite():
         assert node.inputs[1].type.shape[-1] == d and node.inputs[1].type.shape[0] == d
 
 
-def test_label_model_rewritten_and_unchanged():
+def test_label_model_rewritten_and_unchanged(monkeypatch):
     model = gaussian_2d_label(n=300)
     model_joint, config = ppl_em.prepare(model, mode="map")
     u = ppl_em.default_start(model_joint, config, np.random.default_rng(1))
@@ -54,12 +54,8 @@ def test_label_model_rewritten_and_unchanged():
     # the same graph without the rewrite (MANY_RHS above N) gives the same joint
     import ppl_em.rewrites as rewrites
 
-    original = rewrites.MANY_RHS
-    try:
-        rewrites.MANY_RHS = 10**9
-        plain = ppl_em.prepare(gaussian_2d_label(n=300), mode="map").functions
-    finally:
-        rewrites.MANY_RHS = original
+    monkeypatch.setattr(rewrites, "MANY_RHS", 10**9)
+    plain = ppl_em.prepare(gaussian_2d_label(n=300), mode="map").functions
     _, plain_outputs, _ = plain.joint_terms._graph
     assert any(node.inputs[1].type.shape[0] == 300 for node in _solves(plain_outputs))
     np.testing.assert_allclose(
@@ -95,6 +91,7 @@ def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     x = blobs(300, 2, 2)
     functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
     seen = []
+    import ppl_em.compile as compile_module
     import ppl_em.em as em
 
     real = em.fused_estep
@@ -103,12 +100,16 @@ def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
         seen.append(_blas_threads(functions))
         return real(*args)
 
+    # both E-step entry points: the EM loop's em_init and EMFunctions.estep
     monkeypatch.setattr(em, "fused_estep", spy)
+    monkeypatch.setattr(compile_module, "fused_estep", spy)
+    u = ppl_em.default_start(functions, config, None)
     # two threads outside, whatever this machine's default, so the check can fail
     with functions.blas.limit(limits=2, user_api="blas"):
         before = _blas_threads(functions)
-        ppl_em.em_init(functions, ppl_em.default_start(functions, config, None), config)
+        ppl_em.em_init(functions, u, config)
+        functions.estep(u, *functions.data)
         after = _blas_threads(functions)
     assert before and all(n == 2 for n in before)
-    assert seen and all(n == 1 for n in seen[0])
+    assert len(seen) == 2 and all(n == 1 for threads in seen for n in threads)
     assert after == before
