@@ -5,7 +5,7 @@ from ppl_em import _setup
 _setup.configure()
 
 from ppl_em.compile import EMFunctions, FlatLayout, build_em_functions  # noqa: E402
-from ppl_em.em import EMRun, EMState, em_init, em_step, run_em  # noqa: E402
+from ppl_em.em import EMRun, EMState, em_init, em_step, run_em, with_log_resp  # noqa: E402
 from ppl_em.errors import (  # noqa: E402
     ClosedFormUnavailableError,
     CollapseError,
@@ -60,4 +60,5 @@ __all__ = [
     "prepare",
     "run_em",
     "with_data",
+    "with_log_resp",
 ]

@@ -54,30 +54,35 @@ def extrapolate(u0: np.ndarray, u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndar
     return u0 - 2.0 * alpha * r + alpha**2 * v, alpha
 
 
-def squarem_step(functions: EMFunctions, config: MStepConfig, state: EMState) -> SquaremCycle:
+def squarem_step(
+    functions: EMFunctions, config: MStepConfig, state: EMState, keep_resp: bool = True
+) -> SquaremCycle:
     """One SQUAREM cycle from ``state``: 2 EM steps, then extrapolation + 1 EM step, or
-    the plain second EM step when extrapolation would lower the objective."""
-    s1 = em_step(functions, config, state)
-    s2 = em_step(functions, config, s1)
+    the plain second EM step when extrapolation would lower the objective
+    (``keep_resp`` as in :func:`ppl_em.em.em_init`)."""
+    s1 = em_step(functions, config, state, keep_resp)
+    s2 = em_step(functions, config, s1, keep_resp)
     u_x, alpha = extrapolate(state.u, s1.u, s2.u)
     if alpha == -1.0 or not np.all(np.isfinite(u_x)):
         return SquaremCycle(s2, 2, False, alpha)
     try:
-        s_x = em_init(functions, u_x, config)
+        s_x = em_init(functions, u_x, config, keep_resp)
     except DataError:
         # An extrapolated point can leave the data's support (e.g. a rate -> inf).
         return SquaremCycle(s2, 3, False, alpha)
     if not s_x.objective >= s2.objective:
         return SquaremCycle(s2, 3, False, alpha)
-    s_new = em_step(functions, config, s_x)
+    s_new = em_step(functions, config, s_x, keep_resp)
     # EM never decreases the objective; the max guards against round-off in the M-step.
     best = s_new if s_new.objective >= s_x.objective else s_x
     return SquaremCycle(best, 4, True, alpha)
 
 
-def plain_step(functions: EMFunctions, config: MStepConfig, state: EMState) -> SquaremCycle:
+def plain_step(
+    functions: EMFunctions, config: MStepConfig, state: EMState, keep_resp: bool = True
+) -> SquaremCycle:
     """One plain EM iteration in the same return type as :func:`squarem_step`."""
-    return SquaremCycle(em_step(functions, config, state), 1, False, -1.0)
+    return SquaremCycle(em_step(functions, config, state, keep_resp), 1, False, -1.0)
 
 
 def stepper(accelerate: str | None):

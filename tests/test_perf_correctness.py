@@ -279,3 +279,23 @@ def test_label_joint_fallback_equals_row_by_row(monkeypatch):
     np.testing.assert_allclose(
         fast.joint(u, *fast.data), slow.joint(u, *slow.data), rtol=1e-12, atol=1e-12
     )
+
+
+def test_em_loop_skips_log_resp_but_returns_it():
+    """The closed-form loop keeps no log-responsibilities per iteration; the run's final
+    state has them, equal to an E-step at its estimate."""
+    x = X_GAUSS
+    functions, config = ppl_em.prepare(_flat_gaussian_mixture(x), mode="mle")
+    u0 = ppl_em.default_start(functions, config, np.random.default_rng(0))
+    state = ppl_em.em_init(functions, u0, config, keep_resp=False)
+    assert state.log_resp is None and state.stats is not None
+    kept = ppl_em.em_init(functions, u0, config)
+    assert state.objective == pytest.approx(kept.objective, rel=1e-14)
+    lean = ppl_em.em_step(functions, config, state, keep_resp=False)
+    full = ppl_em.em_step(functions, config, kept)
+    np.testing.assert_array_equal(lean.u, full.u)
+    assert lean.log_resp is None
+    run = ppl_em.run_em(functions, config, u0, tol=1e-10)
+    np.testing.assert_allclose(
+        run.state.log_resp, functions.estep(run.state.u, *functions.data)[0], atol=1e-13
+    )

@@ -1,9 +1,13 @@
 """The joint graph's speed rewrites keep its value: triangular solves with many
 right-hand sides become products with the inverted factor (checked against SciPy's
-MvNormal density), and the E-step's one-thread BLAS limit is undone afterwards."""
+MvNormal density), single-value parameter checks become per-row flags (a failed check
+still gives -inf), and the E-step's one-thread BLAS limit is undone afterwards."""
 
 import numpy as np
+import pymc as pm
 import pytensor.tensor as pt
+import pytest
+from pymc.logprob.utils import CheckParameterValue
 from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.tensor.slinalg import SolveTriangular
 from scipy import stats
@@ -88,21 +92,21 @@ def _blas_threads(functions) -> list[int]:
 
 
 def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
-    x = blobs(300, 2, 2)
-    functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
-    seen = []
     import ppl_em.compile as compile_module
-    import ppl_em.em as em
 
-    real = em.fused_estep
+    x = blobs(300, 2, 2)
+    seen = []
+    real = compile_module.fused_estep
 
     def spy(*args):
         seen.append(_blas_threads(functions))
         return real(*args)
 
-    # both E-step entry points: the EM loop's em_init and EMFunctions.estep
-    monkeypatch.setattr(em, "fused_estep", spy)
+    # The pass is bound when the functions are built; both E-step entry points (the EM
+    # loop's em_init and EMFunctions.estep) must then call it with one BLAS thread.
     monkeypatch.setattr(compile_module, "fused_estep", spy)
+    functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
+    assert functions.fused is spy
     u = ppl_em.default_start(functions, config, None)
     # two threads outside, whatever this machine's default, so the check can fail
     with functions.blas.limit(limits=2, user_api="blas"):
@@ -113,3 +117,43 @@ def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     assert before and all(n == 2 for n in before)
     assert len(seen) == 2 and all(n == 1 for threads in seen for n in threads)
     assert after == before
+
+
+def _label_normal(x, k, backend):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(k))
+        mu = pm.Flat("mu", shape=k)
+        sigma = pm.Flat("sigma", shape=k)  # unconstrained: sigma <= 0 reachable
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    return ppl_em.prepare(model, mode="mle", backend=backend).functions
+
+
+@pytest.mark.parametrize("backend", ["c", "python"])
+def test_failed_parameter_check_still_gives_minus_inf(backend):
+    """The rows are compiled without PyMC's sigma > 0 check; it comes back as a flag."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=400)
+    functions = _label_normal(x, 3, backend)
+    _, outputs, _ = functions.joint_terms._graph
+    rows = outputs[:3]
+    assert not any(
+        isinstance(node.op, CheckParameterValue)
+        for node in applys_between(list(graph_inputs(rows)), rows)
+    )
+    w, mu = np.array([0.2, 0.3, 0.5]), np.array([-1.0, 0.0, 2.0])
+    for sigma in ([1.0, 0.5, 2.0], [1.0, -0.5, 2.0], [1.0, 0.0, 2.0]):
+        u = ppl_em.apply_start(
+            functions, {"w": w, "mu": mu, "sigma": sigma}, np.zeros(functions.layout.size)
+        )
+        joint = functions.joint(u, *functions.data)
+        for j in range(3):
+            if sigma[j] > 0:
+                expected = np.log(w[j]) + stats.norm.logpdf(x, mu[j], sigma[j])
+                np.testing.assert_allclose(joint[:, j], expected, rtol=1e-13)
+            else:
+                assert np.all(joint[:, j] == -np.inf)
+        # the compiled row buffers are reused; a joint returned before is the caller's
+        before = joint.copy()
+        functions.joint(u + 0.1, *functions.data)
+        np.testing.assert_array_equal(joint, before)
