@@ -31,10 +31,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix ppl_em tests models benchmarks
 
 test: lint
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -ra -m slow
+	$(PY) -m pytest -ra -m slow --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -1,19 +1,19 @@
 """The fused E-step pass compiled with numba, for the compiled backends.
 
 Same contract as :func:`ppl_em.estep.fused_estep` (the NumPy pass, which stays the
-reference and the pass of ``backend="python"``): over the K x N joint, in place, the
-log-responsibilities, the log-likelihood and the responsibility-weighted sums of the
-statistics columns. NumPy needs about 18 calls per chunk for this, each a trip through
-cache; here every row of a block of ``BLOCK`` observations is read once and the work
-stays in registers and L1.
+reference and the pass of ``backend="python"``): from the joint's K rows, the
+log-responsibilities (optional), the log-likelihood and the responsibility-weighted
+sums of the statistics columns. NumPy needs about 18 calls per chunk for this, each a
+trip through cache; here every row of a block of ``BLOCK`` observations is read once
+and the work stays in registers and L1.
 
-NumPy's ``exp`` and ``log`` are SIMD loops, numba's are calls to the scalar libm (no
-SVML is installed), which made an earlier numba version of this pass 2-4x slower than
-NumPy. The two functions below are written so that LLVM vectorises them:
-``exp`` of a non-positive argument by Cody-Waite reduction and a degree-13 Taylor
-polynomial, ``log`` of the row sums (which lie in [1, K]) by splitting off the binary
-exponent and an atanh series. They are within 2 and 3 ulp of NumPy's
-(``tests/test_kernel.py``).
+NumPy's float64 ``exp`` and ``log`` are SIMD loops only on AVX-512 machines, numba's
+are calls to the scalar libm (no SVML is installed), which made an earlier numba
+version of this pass 2-4x slower than NumPy there. The two functions below are written
+so that LLVM vectorises them (measured on AVX2 and AVX-512): ``exp`` of a non-positive
+argument by Cody-Waite reduction and a degree-13 Taylor polynomial, ``log`` of the row
+sums (which lie in [1, K]) by splitting off the binary exponent and an atanh series.
+They are within 2 and 3 ulp of NumPy's (``tests/test_kernel.py``).
 
 The kernel releases the GIL, so for large N two threads each take one contiguous half
 (a fixed split: the result does not depend on thread timing).
