@@ -134,17 +134,20 @@ class LazyFunction:
 
 class JointTerms(LazyFunction):
     """``joint_terms``: the joint's K rows, then the extra log-likelihood and the log
-    prior. The rows are compiled without their single-value parameter checks
-    (:func:`ppl_em.rewrites.checks_as_flags`); a row whose check fails is returned as
-    ``-inf``, as PyMC's check makes it. With the C backend the rows are the compiled
-    function's buffers, reused by the next call (fresh 8 MB arrays per row cost as much
-    as computing them, measured): a caller reads them before calling again."""
+    prior. With C thunks (the C backend) the rows are compiled without their
+    single-value parameter checks (:func:`ppl_em.rewrites.checks_as_flags`; a row whose
+    check fails is returned as ``-inf``, as PyMC's check makes it; NumPy-backed Ops ran
+    the unchecked rows 16x slower, measured) and are the compiled function's buffers,
+    reused by the next call (fresh 8 MB arrays per row cost as much as computing them,
+    measured): a caller reads them before calling again."""
 
-    def __init__(self, inputs: list, rows: list, flags: list, tail: list, mode: Mode) -> None:
-        reuse = isinstance(mode.linker, VMLinker) and mode.linker.c_thunks
-        if reuse:
+    def __init__(self, inputs: list, rows: list, tail: list, mode: Mode) -> None:
+        c_loops = isinstance(mode.linker, VMLinker) and mode.linker.c_thunks
+        flags = [pt.constant(True)] * len(rows)
+        if c_loops:
+            rows, flags = checks_as_flags(rows)
             mode = mode.clone(link_kwargs={"allow_gc": False})
-        super().__init__(inputs, [*rows, *flags, *tail], mode, borrow=len(rows) if reuse else 0)
+        super().__init__(inputs, [*rows, *flags, *tail], mode, borrow=len(rows) * c_loops)
         self._k = len(rows)
 
     def __call__(self, *args):
@@ -321,11 +324,7 @@ def build_em_functions(
     # One contiguous output per component: the fused E-step reads rows.
     (fast_joint,) = solves_as_products([joint])
     rows = joint_rows(fast_joint, graph.n_components)
-    # For C loops only: NumPy-backed Ops ran the unchecked rows 16x slower (measured).
-    rows, flags = (
-        checks_as_flags(rows) if backend == "c" else (rows, [pt.constant(True)] * len(rows))
-    )
-    joint_terms = JointTerms([flat, *data_inputs], rows, flags, [extra, logprior], big)
+    joint_terms = JointTerms([flat, *data_inputs], rows, [extra, logprior], big)
     # Created here, after NumPy's and SciPy's BLAS libraries are loaded.
     blas = ThreadpoolController()
     # The numba pass compiles once (cached on disk like PyTensor's C); NumPy-backed

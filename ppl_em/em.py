@@ -101,7 +101,8 @@ def em_init(
     loglik, logprior = loglik + float(extra), float(logprior)
     objective = loglik + logprior if functions.mode == "map" else loglik
     if not np.isfinite(objective):
-        log_resp = log_resp if keep else em_init(functions, u).log_resp
+        # which observation failed: the log-responsibilities, computed here if not kept
+        log_resp = log_resp if keep else functions.estep(u, *functions.data)[0]
         raise DataError(_nonfinite_message(functions, log_resp))
     carried = None if request is None else (stats, request)
     return EMState(u, log_resp, loglik, logprior, objective, carried)

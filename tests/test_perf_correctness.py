@@ -299,3 +299,14 @@ def test_em_loop_skips_log_resp_but_returns_it():
     np.testing.assert_allclose(
         run.state.log_resp, functions.estep(run.state.u, *functions.data)[0], atol=1e-13
     )
+
+
+def test_loop_without_log_resp_still_names_the_bad_observation():
+    """keep_resp=False stores no log-responsibilities; a non-finite E-step still says
+    which observation no component explains."""
+    x = RNG.poisson(np.repeat([2.0, 9.0], 50)).astype(float)
+    x[17] = -1.0  # outside every Poisson component's support
+    functions, config = ppl_em.prepare(_poisson(x), mode="map")
+    u0 = ppl_em.default_start(functions, config, np.random.default_rng(0))
+    with pytest.raises(ppl_em.DataError, match="observation 17 of 'x'"):
+        ppl_em.em_init(functions, u0, config, keep_resp=False)
