@@ -25,6 +25,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ppl_em tests models benchmarks
 	$(VENV)/bin/ruff format --check ppl_em tests models benchmarks
+	@# the package's layers and no import cycles (contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format ppl_em tests models benchmarks

@@ -28,6 +28,7 @@ import pymc as pm
 
 import ppl_em
 from benchmarks._common import START_1D, gaussian_1d, markdown_table, timed, write_report
+from ppl_em.em import apply_start, em_init, run_em
 
 
 def model_1d(x: np.ndarray) -> pm.Model:
@@ -52,9 +53,9 @@ def model_1d_flat(x: np.ndarray) -> pm.Model:
 
 def _objective(prepared, point: dict) -> float:
     f = prepared.functions
-    u = ppl_em.apply_start(f, {k: point[k] for k in f.layout.rv_names}, np.zeros(f.layout.size))
-    _, loglik, logprior = f.estep(u, *f.data)
-    return float(loglik + logprior)
+    u = apply_start(f, {k: point[k] for k in f.layout.rv_names}, np.zeros(f.layout.size))
+    state = em_init(f, u)
+    return float(state.loglik + state.logprior)
 
 
 def rows_for(n: int, nuts: bool, builder=model_1d) -> list[list]:
@@ -63,18 +64,16 @@ def rows_for(n: int, nuts: bool, builder=model_1d) -> list[list]:
     label = "flat priors, closed form" if builder is model_1d_flat else "Normal/HalfNormal priors"
     t_prep, prepared = timed(lambda: ppl_em.prepare(model))
     f = prepared.functions
-    u0 = ppl_em.apply_start(f, START_1D, np.zeros(f.layout.size))
-    ppl_em.em_init(f, u0, prepared.config)  # compile before timing the iterations
+    u0 = apply_start(f, START_1D, np.zeros(f.layout.size))
+    em_init(f, u0, prepared.config)  # compile before timing the iterations
     out = {}
     for acc in (None, "squarem"):
-        t, run = timed(
-            lambda acc=acc: ppl_em.run_em(*prepared, u0, tol=1e-10, accelerate=acc), repeat=3
-        )
+        t, run = timed(lambda acc=acc: run_em(*prepared, u0, tol=1e-10, accelerate=acc), repeat=3)
         out[f"EM ({acc or 'plain'})"] = (t, run.state.objective, run.n_estep)
     # backend="c" compiles every function to C (slower cold start, faster per call).
     prepared_c = ppl_em.prepare(model, backend="c")
-    ppl_em.run_em(*prepared_c, u0, max_iter=2)  # compile before timing
-    t, run = timed(lambda: ppl_em.run_em(*prepared_c, u0, tol=1e-10), repeat=3)
+    run_em(*prepared_c, u0, max_iter=2)  # compile before timing
+    t, run = timed(lambda: run_em(*prepared_c, u0, tol=1e-10), repeat=3)
     out["EM (plain, backend='c')"] = (t, run.state.objective, run.n_estep)
     with model:
         t, point = timed(lambda: pm.find_MAP(start=START_1D, progressbar=False))

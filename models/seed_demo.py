@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 import ppl_em  # noqa: E402
 from models import coin, exponential  # noqa: E402
+from ppl_em.em import apply_start, em_init, em_step  # noqa: E402
 
 SEED_JSON = ROOT.parent / "shared" / "reference" / "seed_coin_example.json"
 
@@ -27,10 +28,10 @@ def coin_demo() -> None:
     ref = json.loads(SEED_JSON.read_text())["after_one_em_step"] if SEED_JSON.exists() else None
     prepared = ppl_em.prepare(model)
     functions, config = prepared
-    start = ppl_em.apply_start(functions, coin.SEED_START, np.zeros(functions.layout.size))
-    state = ppl_em.em_init(functions, start)
+    start = apply_start(functions, coin.SEED_START, np.zeros(functions.layout.size))
+    state = em_init(functions, start)
     gamma = np.exp(state.log_resp)
-    w, p = functions.constrain(ppl_em.em_step(functions, config, state).u)
+    w, p = functions.constrain(em_step(functions, config, state).u)
     print("3-coin binomial mixture (seed 001, Tables 6.1-6.4): one EM step from the seed's start")
     print(
         _row(

@@ -129,6 +129,29 @@ def _k(args, module: ModuleType) -> int:
     return module.K_DEFAULT if args.k is None else args.k
 
 
+# ---------------------------------------------------------------- numeric options
+
+
+def int_option(option: str, what: str, example: int, low: int):
+    """An argparse ``type`` accepting integers >= ``low``; its errors name the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            problem = "an integer"
+        else:
+            if value >= low:
+                return value
+            problem = f">= {low}"
+        raise argparse.ArgumentTypeError(
+            f"{option} must be {problem}, got {text!r}; it takes an integer >= {low} "
+            f"({what}), e.g. {option} {example}."
+        )
+
+    return parse
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -142,8 +165,8 @@ def cmd_list(args) -> int:
 
 def cmd_fit(args) -> int:
     import ppl_em
+    from ppl_em.inference.stderr import NotIdentifiedError, standard_errors
     from ppl_em.report.fit_plots import scalar_entries
-    from ppl_em.stderr import NotIdentifiedError, standard_errors
 
     name, module, data = _model_and_data(args)
     model = module.build_model(data, k=_k(args, module))
@@ -154,7 +177,7 @@ def cmd_fit(args) -> int:
         se, se_note = standard_errors(result), ""
     except NotIdentifiedError as err:
         se, se_note = None, f"standard errors unavailable: {err}"
-    print(f"{name}: EM ({args.mode}), K={result.n_components}, N={result.functions.graph.n_obs}")
+    print(f"{name}: EM ({args.mode}), K={result.n_components}, N={result.n_obs}")
     print(f"{'parameter':<14}{'estimate':>14}{'std. error':>14}")
     for var, label, idx in scalar_entries(result.params):
         err = f"{se[var][idx]:14.6g}" if se is not None else f"{'-':>14}"
@@ -170,7 +193,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ppl_em.crosscheck import compare
+    from ppl_em.inference.crosscheck import compare
     from ppl_em.report.writer import check_target, write_report
 
     if args.mode != "map":
@@ -179,7 +202,10 @@ def cmd_compare(args) -> int:
             "posterior, so EM must maximise it too. Use `ppl-em fit --mode mle` for the MLE."
         )
     out = Path(args.out or Path("reports") / args.model)
-    check_target(out.absolute(), args.force)  # fail before minutes of sampling, not after
+    try:  # fail before minutes of sampling, not after
+        check_target(out, args.force)
+    except OSError as err:
+        raise CliError(f"--out {out}: {err}") from err
     name, module, data = _model_and_data(args)
     model = module.build_model(data, k=_k(args, module))
     comparison = compare(
@@ -192,7 +218,10 @@ def cmd_compare(args) -> int:
         random_seed=args.seed,
         progressbar=args.progress,
     )
-    path = write_report(comparison, out, data=data, force=args.force)
+    try:
+        path = write_report(comparison, out, data=data, force=args.force)
+    except OSError as err:  # e.g. the disk filled up while sampling
+        raise CliError(f"--out {out}: {err}") from err
     diag = comparison.diagnostics
     inside = int(comparison.table["em_in_hdi"].astype(bool).sum())
     print(comparison.table.to_string(float_format=lambda v: f"{v:.4g}"))
@@ -215,13 +244,16 @@ def parse_ks(text: str) -> list[int]:
             ks = [int(p) for p in text.split(",")]
     except ValueError:
         ks = []
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--k {text!r}: use a range like 1..6 or a list 2,3,4.")
+    if not ks or min(ks) < 1 or len(set(ks)) < len(ks):
+        raise argparse.ArgumentTypeError(
+            f"--k must be a range like 1..6 or a list like 2,3,4 of distinct integers >= 1, "
+            f"got {text!r}."
+        )
     return ks
 
 
 def cmd_select(args) -> int:
-    from ppl_em.criteria import select_k
+    from ppl_em.inference.selection import select_k
 
     name, module, data = _model_and_data(args)
     ks = args.k or list(range(1, 7))
@@ -255,7 +287,10 @@ def _models_dir_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_options(p: argparse.ArgumentParser, k_help: str, k_type=int) -> None:
+K_TYPE = int_option("--k", "the number of components", 3, low=1)
+
+
+def _model_options(p: argparse.ArgumentParser, k_help: str, k_type=K_TYPE) -> None:
     _models_dir_option(p)
     p.add_argument("model", metavar="MODEL", help="model name (see `ppl-em list`)")
     p.add_argument("--k", type=k_type, default=None, help=k_help)
@@ -273,7 +308,13 @@ def _model_options(p: argparse.ArgumentParser, k_help: str, k_type=int) -> None:
         help="EM objective: map = log posterior without Jacobian (what find_MAP maximises), "
         "mle = log-likelihood only (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        # numpy's Generator (EM starts) and PyMC's sampler take any integer >= 0
+        type=int_option("--seed", "the random seed", 0, low=0),
+        default=0,
+        help="random seed, an integer >= 0 (default: %(default)s)",
+    )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
@@ -304,9 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument(
         "--out", type=Path, metavar="DIR", help="report directory (default: reports/MODEL)"
     )
-    p_cmp.add_argument("--draws", type=int, default=1000, help="NUTS draws per chain (%(default)s)")
-    p_cmp.add_argument("--tune", type=int, default=1000, help="NUTS tuning steps (%(default)s)")
-    p_cmp.add_argument("--chains", type=int, default=4, help="NUTS chains (default: %(default)s)")
+    for option, default, what in (
+        ("--draws", 1000, "NUTS draws per chain"),
+        # tune >= 1: the HDI and r_hat checks are meaningless without a tuned step size
+        ("--tune", 1000, "NUTS tuning steps per chain"),
+        ("--chains", 4, "NUTS chains"),
+    ):
+        kind = int_option(option, what, default, low=1)
+        p_cmp.add_argument(option, type=kind, default=default, help=f"{what} ({default})")
     p_cmp.add_argument(
         "--force", action="store_true", help="replace an existing report directory at --out"
     )
@@ -315,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_sel = sub.add_parser("select", help="BIC, AIC and ICL of MODEL across K")
     _model_options(p_sel, "values of K: a range 1..6 or a list 2,3,4 (default: 1..6)", parse_ks)
     p_sel.add_argument(
-        "--n-init", type=int, default=3, help="EM restarts per K, best kept (%(default)s)"
+        "--n-init",
+        type=int_option("--n-init", "EM restarts per K", 3, low=1),
+        default=3,
+        help="EM restarts per K, best kept (%(default)s)",
     )
     p_sel.set_defaults(func=cmd_select)
     return parser
@@ -325,11 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ppl-em`` script; returns the exit status."""
     from ppl_em.errors import PplEmError
 
-    args = build_parser().parse_args(argv)
-    for option in ("draws", "tune", "chains"):
-        if getattr(args, option, 1) < 1:
-            print(f"ppl-em: error: --{option} must be >= 1.", file=sys.stderr)
-            return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse printed the usage and the error (or --help)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
     except (CliError, PplEmError, FileExistsError) as err:

@@ -31,5 +31,9 @@ class NonMonotoneWarning(UserWarning):
     """The EM objective decreased by more than round-off between two iterations."""
 
 
+class NotIdentifiedError(PplEmError, ValueError):
+    """The observed information at the estimate is singular or indefinite."""
+
+
 class CollapseError(PplEmError, ArithmeticError):
     """A component shrank onto a point: the likelihood is unbounded there (names remedies)."""

@@ -1,61 +1,47 @@
-"""The public entry point: ``ppl_em.fit`` and the once-per-model preparation."""
+"""The public entry point ``ppl_em.fit``: restarts, the best run, the result."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import numpy as np
 import pymc as pm
 
-from ppl_em.compile import EMFunctions, build_em_functions
 from ppl_em.diagnostics import select_run
-from ppl_em.em import EMRun, run_em
-from ppl_em.graph import analyse_model
-from ppl_em.init import apply_start, default_start
-from ppl_em.mstep import MStepConfig, make_mstep_config
-from ppl_em.recognise import build_plan
+from ppl_em.em.loop import EMRun, run_em
+from ppl_em.em.starts import apply_start, check_support, default_start
+from ppl_em.em.step import em_data
+from ppl_em.options import FIT_CONSTRAINTS, check_args
+from ppl_em.prepared import PreparedEM, apply_reg_covar, prepare
 from ppl_em.result import EMResult
-from ppl_em.validate import apply_reg_covar, check_fit_args, check_support, observed_columns
+from ppl_em.steps.estep import joint
 
 
-class PreparedEM(NamedTuple):
-    """Compiled functions and M-step plan of one model; reusable across fits."""
-
-    functions: EMFunctions
-    config: MStepConfig
-
-
-def prepare(
-    model: pm.Model | None = None,
-    *,
-    latent: str | None = None,
-    mode: str = "map",
-    mstep: str = "auto",
-    backend: str = "auto",
-) -> PreparedEM:
-    """Analyse and compile ``model`` once; pass the result to :func:`fit` as ``prepared``.
-
-    ``backend`` (``"auto"``, ``"c"``, ``"numba"``, ``"python"``) picks how PyTensor runs
-    the compiled functions; ``"auto"`` avoids C compilation for small closed-form
-    problems (a fast cold start), ``"c"`` is fastest per iteration once its cache is warm.
-    """
-    graph = analyse_model(model, latent)
-    plan = build_plan(graph, mode)
-    numeric = mstep == "numeric" or bool(plan.reasons)
-    functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
-    return PreparedEM(functions, make_mstep_config(functions, mstep, plan=plan))
+def _check_fit_args(args: dict) -> None:
+    check_args(FIT_CONSTRAINTS, args)
+    model = args.get("model")
+    if model is not None and not isinstance(model, pm.Model):
+        raise TypeError(f"model must be a pm.Model or None, got {type(model).__name__}.")
+    latent = args.get("latent")
+    if latent is not None and not isinstance(latent, str):
+        raise TypeError(f"latent must be a variable name (str), got {latent!r}.")
+    prepared = args.get("prepared")
+    if prepared is not None and not isinstance(prepared, PreparedEM):
+        raise TypeError(
+            f"prepared must be the result of ppl_em.prepare(...), got {type(prepared).__name__}."
+        )
 
 
-def _choose(functions: EMFunctions, runs: list[EMRun]) -> tuple[EMRun, dict]:
+def _choose(prepared: PreparedEM, runs: list[EMRun]) -> tuple[EMRun, dict]:
     """Best restart and its diagnostics; collapsed restarts are never chosen."""
+    functions = prepared.functions
     best_index, diagnostics = select_run(
         [r.state.objective for r in runs],
-        [functions.joint(r.state.u, *functions.data) for r in runs],
+        [joint(functions, r.state.u) for r in runs],
         [r.state.log_resp for r in runs],
-        observed_columns(functions),
-        ", ".join(repr(rv.name) for rv in functions.graph.dependents),
+        functions.observed_columns(),
+        ", ".join(repr(name) for name in functions.spec.observed),
     )
     return runs[best_index], diagnostics
 
@@ -95,31 +81,33 @@ def fit(
     elsewhere; ``"closed"`` insists on closed form; ``"numeric"`` never uses it.
     ``start`` gives values by free-variable name in the constrained space. With
     ``n_init > 1`` the other starts are k-means++ partitions drawn with ``random_seed``
-    and the best objective wins. ``prepared`` (from :func:`prepare`) skips compilation;
-    its ``mode``/``mstep`` then apply and the ``latent``/``mode``/``mstep`` arguments
-    are not used.
+    and the best objective wins. ``prepared`` (from :func:`ppl_em.prepare`) skips
+    compilation; its ``mode``/``mstep`` then apply and the ``latent``/``mode``/``mstep``
+    arguments are not used.
     ``reg_covar`` (>= 0) is added to each closed-form Normal component variance, as in
     scikit-learn, against collapse. ``result.diagnostics`` reports empty, identical and
     collapsed components (docs/failure-modes.md); collapsed restarts are never chosen.
     ``accelerate="squarem"`` extrapolates EM steps (SQUAREM) to need fewer E-steps.
     """
-    check_fit_args(**{k: v for k, v in locals().items() if k != "start"})
+    _check_fit_args({k: v for k, v in locals().items() if k != "start"})
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(model, latent=latent, mode=mode, mstep=mstep)
     prepared = apply_reg_covar(prepared, reg_covar)
-    functions = prepared.functions
+    functions, config = prepared
     starts = list(_starts(prepared, start, n_init, random_seed))
     check_support(functions, starts[0])
+    data = em_data(functions, config)
     options = dict(max_iter=max_iter, tol=tol, progressbar=progressbar, accelerate=accelerate)
-    runs = [run_em(functions, prepared.config, u, **options) for u in starts]
-    best, diagnostics = _choose(functions, runs)
-    return _result(functions, best, diagnostics, runs, time.perf_counter() - t0)
+    runs = [run_em(functions, config, u, data=data, **options) for u in starts]
+    best, diagnostics = _choose(prepared, runs)
+    return _result(prepared, best, diagnostics, runs, time.perf_counter() - t0)
 
 
 def _result(
-    functions: EMFunctions, best: EMRun, diagnostics: dict, runs: list[EMRun], elapsed: float
+    prepared: PreparedEM, best: EMRun, diagnostics: dict, runs: list[EMRun], elapsed: float
 ) -> EMResult:
+    functions = prepared.functions
     state = best.state
     values = functions.constrain(state.u)
     return EMResult(
@@ -135,7 +123,7 @@ def _result(
         mode=functions.mode,
         label_name=functions.graph.label_name,
         unconstrained=state.u,
-        functions=functions,
+        prepared=prepared,
         objectives_per_init=tuple(r.state.objective for r in runs),
         diagnostics=diagnostics,
     )

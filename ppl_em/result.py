@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 import arviz as az
 import numpy as np
 
-from ppl_em.compile import EMFunctions
+from ppl_em import criteria
+from ppl_em.model.data import DataSpec
+from ppl_em.prepared import PreparedEM
+from ppl_em.steps.estep import joint
+from ppl_em.steps.stats import DataChunk
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,8 @@ class EMResult:
     ``log_posterior`` is the marginal log density with the log prior and no Jacobian
     (what ``pm.find_MAP`` maximises), ``loglik`` the marginal log-likelihood,
     ``history`` the objective (``log_posterior`` for ``mode="map"``, ``loglik`` for
-    ``"mle"``) before the first and after every iteration.
+    ``"mle"``) before the first and after every iteration. ``prepared`` is the compiled
+    model the fit ran on (pass it to :func:`ppl_em.fit` to fit again without compiling).
     """
 
     params: dict[str, np.ndarray]
@@ -33,7 +38,7 @@ class EMResult:
     mode: str
     label_name: str
     unconstrained: np.ndarray
-    functions: EMFunctions = field(repr=False)
+    prepared: PreparedEM = field(repr=False)
     objectives_per_init: tuple[float, ...] = ()
     # Findings about the fit (empty or identical components, collapse, ...), by name.
     diagnostics: dict = field(default_factory=dict)
@@ -49,7 +54,32 @@ class EMResult:
 
     @property
     def n_components(self) -> int:
-        return self.functions.graph.n_components
+        return self.prepared.functions.graph.n_components
+
+    @property
+    def n_obs(self) -> int:
+        """Number of observations N that the label ranges over."""
+        return int(self.log_resp.shape[0])
+
+    @property
+    def n_parameters(self) -> int:
+        """Free unconstrained dimensions of the fitted model (label excluded)."""
+        return int(self.prepared.functions.layout.size)
+
+    @property
+    def kind(self) -> str:
+        """``"label"`` (an explicit label) or ``"mixture"`` (a ``pm.Mixture``)."""
+        return self.prepared.functions.graph.kind
+
+    @property
+    def observed(self) -> dict[str, np.ndarray]:
+        """The observed arrays the label explains, by variable name."""
+        return self.prepared.functions.observed()
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """Which arrays are per-observation data (observed values and covariates)."""
+        return self.prepared.functions.spec
 
     # scikit-learn names
     @property
@@ -71,26 +101,38 @@ class EMResult:
         """Most probable component of each observation."""
         return np.argmax(self.log_resp, axis=1)
 
-    # Information criteria, lower is better (see ppl_em.criteria); imported lazily
-    # because criteria.py imports this module.
+    # Information criteria, lower is better (ppl_em.criteria)
     def bic(self) -> float:
-        from ppl_em.criteria import bic
-
-        return bic(self)
+        return criteria.bic(self.loglik, self.n_parameters, self.n_obs)
 
     def aic(self) -> float:
-        from ppl_em.criteria import aic
-
-        return aic(self)
+        return criteria.aic(self.loglik, self.n_parameters)
 
     def icl(self) -> float:
-        from ppl_em.criteria import icl
+        return criteria.icl(self.loglik, self.n_parameters, self.n_obs, self.log_resp)
 
-        return icl(self)
+    def joint_logp(self, **arrays: np.ndarray) -> np.ndarray:
+        """n x K matrix ``log p(x_i, z_i = k | theta)`` at the estimate, over the fitted
+        data or over other arrays of any length given by data name (every
+        per-observation array of :attr:`data_spec`)."""
+        functions = self.prepared.functions
+        if not arrays:
+            return joint(functions, self.unconstrained)
+        missing = sorted(set(functions.data_names) - set(arrays))
+        if missing:
+            raise ValueError(f"joint_logp needs every per-observation array; missing {missing}.")
+        chunk = DataChunk(tuple(np.asarray(arrays[n]) for n in functions.data_names))
+        return joint(functions, self.unconstrained, chunk)
 
-    def joint_logp(self) -> np.ndarray:
-        """N x K matrix ``log p(x_i, z_i = k | theta)`` at the estimate."""
-        return self.functions.joint(self.unconstrained, *self.functions.data)
+    def log_resp_at(self, params: dict[str, np.ndarray]) -> np.ndarray:
+        """Log-responsibilities over the fitted data at other constrained ``params``."""
+        functions = self.prepared.functions
+        values = [np.asarray(params[n]) for n in functions.layout.rv_names]
+        u = np.concatenate(
+            [np.ravel(f) for f in functions.unconstrain(self.unconstrained, *values)]
+        )
+        rows = joint(functions, u)
+        return rows - np.logaddexp.reduce(rows, axis=1, keepdims=True)
 
     def to_inference_data(self) -> az.InferenceData:
         """The estimate as one chain with one draw, plus ``lp_<label>``.

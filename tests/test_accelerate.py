@@ -7,8 +7,9 @@ import pytest
 from scipy.special import logsumexp
 
 import ppl_em
-from ppl_em.accelerate import extrapolate, squarem_alpha, squarem_step
-from ppl_em.estep import fused_estep
+from ppl_em.em import apply_start, em_init, em_step, run_em
+from ppl_em.em.squarem import extrapolate, squarem_alpha, squarem_step
+from ppl_em.steps.passes import fused_estep
 from tests.conftest import assert_monotone
 
 
@@ -46,12 +47,12 @@ def problem(request):
     )
     mode = "mle" if request.param == "gaussian_mle" else "map"
     prepared = ppl_em.prepare(model, mode=mode)
-    u0 = ppl_em.apply_start(prepared.functions, start, np.zeros(prepared.functions.layout.size))
+    u0 = apply_start(prepared.functions, start, np.zeros(prepared.functions.layout.size))
     return prepared, u0
 
 
 def _run(prepared, u0, accelerate):
-    return ppl_em.run_em(
+    return run_em(
         prepared.functions, prepared.config, u0, max_iter=20000, tol=1e-14, accelerate=accelerate
     )
 
@@ -77,10 +78,10 @@ def test_squarem_cycle_never_below_plain_em(problem):
     """The safeguard: each cycle ends at or above two plain EM steps from the same state."""
     prepared, u0 = problem
     f, c = prepared
-    state = ppl_em.em_init(f, u0, c)
+    state = em_init(f, u0, c)
     for _ in range(5):
         cycle = squarem_step(f, c, state)
-        two = ppl_em.em_step(f, c, ppl_em.em_step(f, c, state))
+        two = em_step(f, c, em_step(f, c, state))
         assert cycle.state.objective >= two.objective - 1e-9 * abs(two.objective)
         state = cycle.state
 
@@ -104,15 +105,15 @@ def test_fused_estep_matches_numpy():
     joint[5, 2] = -np.inf  # a component that cannot produce one observation
     x, t = rng.normal(size=n) * 3 + 1, rng.integers(1, 20, size=n).astype(float)
     cols = np.stack([x, t, (x - 1.0) ** 2])
-    log_resp, loglik, stats = fused_estep(np.ascontiguousarray(joint.T), cols)
+    log_resp, loglik, nk, s = fused_estep(np.ascontiguousarray(joint.T), cols)
 
     lse = logsumexp(joint, axis=1)
     gamma = np.exp(joint - lse[:, None])
     np.testing.assert_allclose(log_resp, joint - lse[:, None], rtol=1e-13, atol=1e-12)
     np.testing.assert_allclose(loglik, lse.sum(), rtol=1e-12)
-    np.testing.assert_allclose(stats.nk, gamma.sum(axis=0), rtol=1e-11)
+    np.testing.assert_allclose(nk, gamma.sum(axis=0), rtol=1e-11)
     for m, v in enumerate(cols):
-        np.testing.assert_allclose(stats.s[m], gamma.T @ v, rtol=1e-11)
+        np.testing.assert_allclose(s[m], gamma.T @ v, rtol=1e-11)
 
 
 def test_fit_accepts_accelerate():

@@ -6,6 +6,8 @@ import pytest
 
 import ppl_em
 from ppl_em import DataError, ModelStructureError, StartError
+from ppl_em.em import apply_start
+from ppl_em.model import analyse_model
 
 X = np.array([6, 5, 4, 2, 2, 6, 5, 5, 4, 2])
 
@@ -46,13 +48,13 @@ def exponential(x):
 
 def test_nan_in_observed_data():
     with pytest.raises(DataError, match=r"'x' contain NaN.*does not impute"):
-        ppl_em.analyse_model(binomial(np.array([1.0, np.nan, 3.0])))
+        analyse_model(binomial(np.array([1.0, np.nan, 3.0])))
 
 
 def test_inf_in_observed_data():
     x = np.array([0.5, 1.0, np.inf, 2.0])
     with pytest.raises(DataError, match=r"'t' are not finite at index \(2,\) \(value .*inf"):
-        ppl_em.analyse_model(exponential(x))
+        analyse_model(exponential(x))
 
 
 @pytest.mark.parametrize(("x", "index", "value"), [([3, 11, 4, 2], 1, 11), ([3, 4, -1, 2], 2, -1)])
@@ -109,7 +111,7 @@ def test_with_data_refits_without_recompiling(prepared):
 
 def test_k_larger_than_n():
     with pytest.raises(ModelStructureError, match=r"K=3 components but only N=2"):
-        ppl_em.analyse_model(binomial(np.array([1, 2]), k=3))
+        analyse_model(binomial(np.array([1, 2]), k=3))
 
 
 def test_label_and_observed_shapes():
@@ -120,14 +122,14 @@ def test_label_and_observed_shapes():
         z = pm.Categorical("z", p=w, shape=(5, 2))
         pm.Binomial("x", n=10, p=p[z], observed=ones)
     with pytest.raises(ModelStructureError, match=r"label 'z' has shape \(5, 2\).*shape \(N,\)"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
     with pm.Model() as model:
         w = pm.Dirichlet("w", a=np.ones(2))
         p = pm.Beta("p", 1.0, 1.0, shape=2)
         z = pm.Categorical("z", p=w, shape=2)
         pm.Binomial("x", n=10, p=p[z][None, :], observed=ones)
     with pytest.raises(ModelStructureError, match=r"'x' has shape \(5, 2\) but label 'z' has"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
 
 
 def test_observed_pm_data_has_a_shape():
@@ -136,7 +138,7 @@ def test_observed_pm_data_has_a_shape():
         mu = pm.Normal("mu", 0.0, 1.0, shape=2)
         z = pm.Categorical("z", p=w, shape=3)
         pm.Normal("x", mu=mu[z], sigma=1.0, observed=pm.Data("xd", np.array([1.0, 2.0, 3.0])))
-    assert ppl_em.analyse_model(model).n_obs == 3
+    assert analyse_model(model).n_obs == 3
 
 
 # --- start ----------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def test_observed_pm_data_has_a_shape():
 
 def _apply(prepared, start):
     functions = prepared.functions
-    return ppl_em.apply_start(functions, start, np.zeros(functions.layout.size))
+    return apply_start(functions, start, np.zeros(functions.layout.size))
 
 
 @pytest.mark.parametrize(
@@ -185,13 +187,13 @@ def test_good_start_round_trips(prepared):
 def test_latent_names():
     model = binomial(X)
     with pytest.raises(ModelStructureError, match=r"latent='zz' is not a variable.*'z'"):
-        ppl_em.analyse_model(model, latent="zz")
+        analyse_model(model, latent="zz")
     with pytest.raises(ModelStructureError, match=r"latent='p' is not a free finite discrete"):
-        ppl_em.analyse_model(model, latent="p")
+        analyse_model(model, latent="p")
     with pytest.raises(ModelStructureError, match=r"latent='x' is an observed Binomial"):
-        ppl_em.analyse_model(model, latent="x")
+        analyse_model(model, latent="x")
     with pytest.raises(TypeError, match=r"latent must be a variable name \(str\), got 3"):
-        ppl_em.analyse_model(model, latent=3)
+        analyse_model(model, latent=3)
 
 
 def test_infinite_discrete_label():
@@ -200,7 +202,7 @@ def test_infinite_discrete_label():
         z = pm.Poisson("z", mu=rate, shape=len(X))
         pm.Normal("x", mu=z, sigma=1.0, observed=X)
     with pytest.raises(ModelStructureError, match=r"label 'z' is a PoissonRV.*Categorical"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
 
 
 def test_other_discrete_latents():
@@ -211,9 +213,9 @@ def test_other_discrete_latents():
         pm.Bernoulli("flag", p=0.5)
         pm.Binomial("x", n=10, p=p[z], observed=X)
     with pytest.raises(ModelStructureError, match=r"2 discrete latent variables \['z', 'flag'\]"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
     with pytest.raises(ModelStructureError, match=r"besides the label 'z'.*\['flag'\]"):
-        ppl_em.analyse_model(model, latent="z")
+        analyse_model(model, latent="z")
 
 
 def test_label_without_observed_dependent():
@@ -222,7 +224,7 @@ def test_label_without_observed_dependent():
         pm.Categorical("z", p=w, shape=len(X))
         pm.Binomial("x", n=10, p=0.5, observed=X)
     with pytest.raises(ModelStructureError, match=r"label 'z' has no observed dependent"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
 
 
 def test_no_mixture_at_all():
@@ -230,7 +232,7 @@ def test_no_mixture_at_all():
         p = pm.Beta("p", 1.0, 1.0)
         pm.Binomial("x", n=10, p=p, observed=X)
     with pytest.raises(ModelStructureError, match=r"found no mixture"):
-        ppl_em.analyse_model(model)
+        analyse_model(model)
 
 
 # --- fit arguments ----------------------------------------------------------------------

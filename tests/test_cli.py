@@ -10,8 +10,7 @@ import pytest
 
 import ppl_em
 from models import MODELS, coin, poisson_counts
-from ppl_em import cli
-from ppl_em.criteria import select_k
+from ppl_em import cli, select_k
 
 
 def run(capsys, *argv):
@@ -130,3 +129,76 @@ def test_select_prints_criteria_and_best_k(capsys):
     )  # fmt: skip
     assert "best K by BIC: 2" in out and "best K by ICL: 2" in out
     assert f"{table.loc[2, 'bic']:.3f}" in out and f"{table.loc[1, 'aic']:.3f}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, option, value, accepted",
+    [
+        (["fit", "coin", "--k", "0"], "--k", "0", "an integer >= 1"),
+        (["fit", "coin", "--k", "two"], "--k", "two", "an integer >= 1"),
+        (["fit", "coin", "--seed", "-1"], "--seed", "-1", "an integer >= 0"),
+        (["fit", "coin", "--seed", "seven"], "--seed", "seven", "an integer >= 0"),
+        (["compare", "coin", "--seed", "1.5"], "--seed", "1.5", "an integer >= 0"),
+        (["compare", "coin", "--k", "-3"], "--k", "-3", "an integer >= 1"),
+        (["compare", "coin", "--draws", "0"], "--draws", "0", "an integer >= 1"),
+        (["compare", "coin", "--tune", "-5"], "--tune", "-5", "an integer >= 1"),
+        (["compare", "coin", "--chains", "0"], "--chains", "0", "an integer >= 1"),
+        (["compare", "coin", "--chains", "2.5"], "--chains", "2.5", "an integer >= 1"),
+        (["select", "coin", "--n-init", "0"], "--n-init", "0", "an integer >= 1"),
+        (["select", "coin", "--seed", "-1"], "--seed", "-1", "an integer >= 0"),
+        (["select", "coin", "--k", "0..3"], "--k", "0..3", "integers >= 1"),
+        (["select", "coin", "--k", "4..2"], "--k", "4..2", "integers >= 1"),
+        (["select", "coin", "--k", "2,2"], "--k", "2,2", "distinct integers >= 1"),
+    ],
+)
+def test_numeric_options_are_refused_by_the_parser(
+    capsys, monkeypatch, argv, option, value, accepted
+):
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a model was built although an option was invalid")
+
+    monkeypatch.setattr(cli, "_model_and_data", no_fitting)
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert f"argument {option}:" in err and f"{option} must be" in err
+    assert repr(value) in err and accepted in err
+
+
+def test_compare_checks_the_output_location_before_fitting(capsys, monkeypatch, tmp_path):
+    from ppl_em.inference import crosscheck
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("compare() ran before --out was checked")
+
+    monkeypatch.setattr(crosscheck, "compare", no_sampling)
+    monkeypatch.setattr(cli, "_model_and_data", no_sampling)
+    (tmp_path / "data.csv").write_text("1\n")
+    under_file = tmp_path / "data.csv" / "rep"
+    status, _, err = run(capsys, "compare", "coin", "--out", str(under_file), "--no-progress")
+    assert status == 1 and f"--out {under_file}" in err
+    assert f"{tmp_path / 'data.csv'} is not a directory" in err
+    # Nothing can be created in /proc, not even by root (a chmod-ed directory would be).
+    status, _, err = run(capsys, "compare", "coin", "--out", "/proc/ppl-em-rep", "--force")
+    assert status == 1 and "--out /proc/ppl-em-rep" in err and "writable" in err
+    # A --force that would delete files the report did not write fails here too.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    status, _, err = run(capsys, "compare", "coin", "--out", str(mine), "--force")
+    assert status == 1 and str(mine / "notes.txt") in err
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_compare_refuses_a_read_only_directory_before_fitting(capsys, monkeypatch, tmp_path):
+    from test_report_files import read_only_dir
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a model was built before --out was checked")
+
+    monkeypatch.setattr(cli, "_model_and_data", no_fitting)
+    locked = read_only_dir(tmp_path / "locked")
+    try:
+        status, _, err = run(capsys, "compare", "coin", "--out", str(locked / "rep"))
+    finally:
+        locked.chmod(0o755)
+    assert status == 1 and f"--out {locked / 'rep'}" in err and str(locked) in err

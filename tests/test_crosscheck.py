@@ -1,4 +1,4 @@
-"""EM against pm.find_MAP and NUTS on every example model (ppl_em.crosscheck).
+"""EM against pm.find_MAP and NUTS on every example model (ppl_em.inference.crosscheck).
 
 NUTS runs are short (2 chains x 300 draws after 300 tuning steps) to keep the file
 within the test budget; the slow test repeats the SE-vs-posterior-sd check with more
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from models import MODELS
-from ppl_em.crosscheck import TABLE_COLUMNS, compare
-from ppl_em.relabel import relabel_draws
+from ppl_em.inference.crosscheck import TABLE_COLUMNS, compare
+from ppl_em.inference.relabel import relabel_draws
 
 # se_method="gradient" avoids compiling the PyTensor Hessian (tests/test_stderr.py checks
 # both methods against an independent reference).
@@ -80,7 +80,7 @@ def test_em_inside_nuts_hdi_and_se_close_to_posterior_sd(comparisons, name):
 def test_responsibilities_match_nuts_label_posterior(comparisons, name):
     comp = comparisons(name)
     em_resp, nuts = comp.label_posteriors()
-    assert em_resp.shape == nuts.shape == (comp.em.functions.graph.n_obs, comp.em.n_components)
+    assert em_resp.shape == nuts.shape == (comp.em.n_obs, comp.em.n_components)
     np.testing.assert_allclose(nuts.sum(axis=1), 1.0, atol=1e-9)
     # Plug-in vs posterior-averaged label probabilities differ only by parameter
     # uncertainty; both must put the same observations in the same component.

@@ -5,6 +5,8 @@ import pymc as pm
 import pytest
 
 import ppl_em
+from ppl_em.em import apply_start, em_init
+from ppl_em.steps import m_step_from_resp, make_mstep_config
 from tests.conftest import EXACT, assert_monotone
 
 RATES, WEIGHTS = np.array([0.5, 5.0]), np.array([0.4, 0.6])
@@ -39,14 +41,14 @@ def test_mstep_is_the_seed_formula(builder, data):
     prepared = ppl_em.prepare(builder(data), mode="mle")
     functions, auto = prepared
     assert auto.plan.closed == {"w", "lam"}
-    numeric = ppl_em.make_mstep_config(functions, "numeric", grad_reduction=EXACT)
-    u = ppl_em.apply_start(functions, {"w": [0.5, 0.5], "lam": [1.0, 2.0]}, np.zeros(3))
-    gamma = np.exp(ppl_em.em_init(functions, u).log_resp)
+    numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=EXACT)
+    u = apply_start(functions, {"w": [0.5, 0.5], "lam": [1.0, 2.0]}, np.zeros(3))
+    gamma = np.exp(em_init(functions, u).log_resp)
     # The seed: pi_j = mean_i gamma_ij, lambda_j = N_j / sum_i gamma_ij x_i
     pi = gamma.mean(axis=0)
     lam = gamma.sum(axis=0) / (gamma.T @ data)
     for config in (auto, numeric):
-        w_new, lam_new = functions.constrain(ppl_em.mstep(functions, config, u, gamma))
+        w_new, lam_new = functions.constrain(m_step_from_resp(functions, config, u, gamma))
         np.testing.assert_allclose(w_new, pi, rtol=1e-7)
         np.testing.assert_allclose(lam_new, lam, rtol=1e-7)
 

@@ -1,4 +1,4 @@
-"""The numba E-step pass (ppl_em.kernel) against NumPy and SciPy.
+"""The numba E-step pass (ppl_em.steps.kernel) against NumPy and SciPy.
 
 Its own ``exp`` and ``log`` are checked in ulp against NumPy's; the whole pass against
 the NumPy pass it replaces and against SciPy's logsumexp; a fit on the compiled backend
@@ -10,7 +10,7 @@ import pytest
 from scipy.special import logsumexp
 
 import ppl_em
-from ppl_em import estep, kernel
+from ppl_em.steps import cores, kernel, passes
 from tests.test_perf_correctness import _flat_gaussian_mixture
 
 
@@ -90,8 +90,8 @@ def test_pass_equals_numpy_pass_and_scipy(k, m):
     n = 3 * kernel.BLOCK + 17  # not a multiple of the block
     joint = _joint(rng, n, k)
     cols = rng.normal(size=(m, n)) * 3 + 1
-    log_resp, loglik, stats = kernel.compiled_fused_estep(joint.copy(), cols)
-    ref_resp, ref_loglik, ref_stats = estep.fused_estep(joint.copy(), cols)
+    log_resp, loglik, nk, s = kernel.compiled_fused_estep(joint.copy(), cols)
+    ref_resp, ref_loglik, ref_nk, ref_s = passes.fused_estep(joint.copy(), cols)
 
     lse = logsumexp(joint, axis=0)
     np.testing.assert_allclose(log_resp, (joint - lse).T, rtol=1e-13, atol=1e-13)
@@ -99,11 +99,11 @@ def test_pass_equals_numpy_pass_and_scipy(k, m):
     assert loglik == pytest.approx(lse.sum(), rel=1e-13)
     assert loglik == pytest.approx(ref_loglik, rel=1e-13)
     gamma = np.exp(joint - lse)
-    np.testing.assert_allclose(stats.nk, gamma.sum(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(stats.nk, ref_stats.nk, rtol=1e-12)
-    assert stats.s.shape == (m, k)
-    np.testing.assert_allclose(stats.s, cols @ gamma.T, rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(stats.s, ref_stats.s, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(nk, gamma.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(nk, ref_nk, rtol=1e-12)
+    assert s.shape == (m, k)
+    np.testing.assert_allclose(s, cols @ gamma.T, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-11, atol=1e-11)
 
 
 def test_rows_input_leaves_rows_alone_and_equals_matrix_input():
@@ -116,7 +116,7 @@ def test_rows_input_leaves_rows_alone_and_equals_matrix_input():
     np.testing.assert_array_equal(np.stack(rows), joint)  # read only
     np.testing.assert_array_equal(from_rows[0], from_matrix[0])
     assert from_rows[1] == from_matrix[1]
-    np.testing.assert_array_equal(from_rows[2].s, from_matrix[2].s)
+    np.testing.assert_array_equal(from_rows[3], from_matrix[3])
     with pytest.raises(ValueError, match="different lengths"):
         kernel.compiled_fused_estep([rows[0], rows[1][:-1]])
 
@@ -133,8 +133,8 @@ def test_without_log_resp_same_loglik_and_stats(n):
     assert lean[0] is None
     assert lean[1] == pytest.approx(logsumexp(joint, axis=0).sum(), rel=1e-14)
     assert lean[1] == pytest.approx(kept[1], rel=1e-14)
-    np.testing.assert_array_equal(lean[2].nk, kept[2].nk)
-    np.testing.assert_array_equal(lean[2].s, kept[2].s)
+    np.testing.assert_array_equal(lean[2], kept[2])
+    np.testing.assert_array_equal(lean[3], kept[3])
 
 
 def test_block_log_of_products_does_not_overflow():
@@ -152,8 +152,8 @@ def test_row_no_component_explains_is_nan_as_in_numpy():
     rng = np.random.default_rng(2)
     joint = _joint(rng, 500, 3)
     joint[:, 9] = -np.inf
-    log_resp, loglik, _ = kernel.compiled_fused_estep(joint.copy())
-    ref_resp, ref_loglik, _ = estep.fused_estep(joint.copy())
+    log_resp, loglik, _, _ = kernel.compiled_fused_estep(joint.copy())
+    ref_resp, ref_loglik, _, _ = passes.fused_estep(joint.copy())
     assert np.isnan(log_resp[9]).all() and np.isnan(ref_resp[9]).all()
     assert np.isnan(loglik) and np.isnan(ref_loglik)
 
@@ -161,39 +161,37 @@ def test_row_no_component_explains_is_nan_as_in_numpy():
 def test_pass_overwrites_its_input_and_accepts_no_columns():
     joint = _joint(np.random.default_rng(3), 100, 2)
     work = joint.copy()
-    log_resp, _, stats = kernel.compiled_fused_estep(work)
+    log_resp, _, nk, s = kernel.compiled_fused_estep(work)
     assert np.shares_memory(log_resp, work)
-    assert stats.s.shape == (0, 2)
-    np.testing.assert_allclose(stats.nk.sum(), 100, rtol=1e-13)
+    assert s.shape == (0, 2)
+    np.testing.assert_allclose(nk.sum(), 100, rtol=1e-13)
 
 
-def test_two_threads_equal_one(monkeypatch):
+def test_two_threads_equal_one():
     """The two halves are summed in a fixed order: same numbers as one thread, up to
     summation order, and the same log-responsibilities bit for bit."""
     rng = np.random.default_rng(4)
     n = 20 * kernel.BLOCK + 5
     joint, cols = _joint(rng, n, 3), rng.normal(size=(2, n))
-    monkeypatch.setattr(kernel, "PARALLEL_MIN", 10**12)
-    serial = kernel.compiled_fused_estep(joint.copy(), cols)
-    monkeypatch.setattr(kernel, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(kernel, "_workers", lambda n: 2)
-    threaded = kernel.compiled_fused_estep(joint.copy(), cols)
+    serial = kernel.compiled_fused_estep(joint.copy(), cols, workers=1)
+    threaded = kernel.compiled_fused_estep(joint.copy(), cols, workers=2)
     np.testing.assert_array_equal(serial[0], threaded[0])
     assert threaded[1] == pytest.approx(serial[1], rel=1e-13)
-    np.testing.assert_allclose(threaded[2].nk, serial[2].nk, rtol=1e-13)
-    np.testing.assert_allclose(threaded[2].s, serial[2].s, rtol=1e-12)
+    np.testing.assert_allclose(threaded[2], serial[2], rtol=1e-13)
+    np.testing.assert_allclose(threaded[3], serial[3], rtol=1e-12)
 
 
-def test_error_in_worker_thread_reaches_the_caller(monkeypatch):
-    def broken(rows, out, cols, start, stop, nk, s):
-        if start > 0:
+def test_error_in_worker_thread_reaches_the_caller():
+    """The pass's halves run through ``run_split``: an error in the second half's
+    thread is re-raised in the caller's."""
+
+    def broken(j):
+        if j == 1:
             raise RuntimeError("second half failed")
         return 0.0
 
-    monkeypatch.setattr(kernel, "_workers", lambda n: 2)
-    monkeypatch.setattr(kernel, "_run", broken)
     with pytest.raises(RuntimeError, match="second half"):
-        kernel.compiled_fused_estep(np.zeros((2, 4 * kernel.BLOCK)))
+        cores.run_split(broken, 2)
 
 
 def test_compiled_backend_fit_equals_python_backend():
@@ -206,9 +204,8 @@ def test_compiled_backend_fit_equals_python_backend():
     fits = {}
     for backend in ("c", "python"):
         prepared = ppl_em.prepare(_flat_gaussian_mixture(x), backend=backend, mstep="closed")
-        assert prepared.functions.fused is (
-            kernel.compiled_fused_estep if backend == "c" else estep.fused_estep
-        )
+        # compiled_rows: the E-step runs kernel.compiled_fused_estep, else passes.fused_estep
+        assert prepared.functions.compiled_rows is (backend == "c")
         fits[backend] = ppl_em.fit(prepared=prepared, start=start, tol=1e-10, progressbar=False)
     c, py = fits["c"], fits["python"]
     assert c.converged and c.n_iter == py.n_iter

@@ -5,8 +5,9 @@ import pytest
 
 import ppl_em
 from models import MODELS, coin
-from ppl_em.relabel import match, permute
-from ppl_em.stderr import standard_errors
+from ppl_em.inference.relabel import match, permute
+from ppl_em.inference.stderr import standard_errors
+from ppl_em.model import analyse_model
 from tests.conftest import assert_monotone
 
 # The 2-D model's numeric M-step (an MvNormal per observation) takes over a minute on
@@ -28,10 +29,10 @@ def test_module_contract(name):
     for a, b in zip(np.atleast_1d(data), np.atleast_1d(again), strict=True):
         np.testing.assert_array_equal(a, b)  # fixed seed
     for k in (mod.K_DEFAULT, mod.K_DEFAULT + 1):
-        graph = ppl_em.analyse_model(mod.build_model(k=k))
+        graph = analyse_model(mod.build_model(k=k))
         assert graph.n_components == k
     if hasattr(mod, "TRUE_PARAMS"):
-        graph = ppl_em.analyse_model(mod.build_model())
+        graph = analyse_model(mod.build_model())
         assert set(mod.TRUE_PARAMS) == set(graph.param_names)
         model = mod.build_model()
         for pname, value in mod.TRUE_PARAMS.items():

@@ -6,6 +6,9 @@ import pytensor.tensor as pt
 import pytest
 
 import ppl_em
+from ppl_em.em import default_start
+from ppl_em.model import analyse_model, build_plan, data_spec
+from ppl_em.steps import m_step_from_resp, make_mstep_config, q_and_grad, whole_data
 from tests.conftest import EXACT
 
 RNG = np.random.default_rng(3)
@@ -80,19 +83,18 @@ def test_closed_equals_numeric(case):
     model, expected_closed = case()
     functions, closed = ppl_em.prepare(model, mstep="closed")
     assert closed.plan.closed == expected_closed
-    numeric = ppl_em.make_mstep_config(functions, "numeric", grad_reduction=EXACT)
-    u0 = ppl_em.default_start(functions, numeric, rng=None)
+    numeric = make_mstep_config(functions, closed.plan, "numeric", grad_reduction=EXACT)
+    u0 = default_start(functions, numeric, rng=None)
     k = functions.graph.n_components
     gamma = RNG.dirichlet(np.ones(k), size=functions.graph.n_obs)
-    a = functions.constrain(ppl_em.mstep(functions, closed, u0, gamma))
-    b = functions.constrain(ppl_em.mstep(functions, numeric, u0, gamma))
+    a = functions.constrain(m_step_from_resp(functions, closed, u0, gamma))
+    b = functions.constrain(m_step_from_resp(functions, numeric, u0, gamma))
     for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
         np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
     # Both are maximisers of the same Q: neither may beat the other
-    qa, _ = functions.q_and_grad(ppl_em.mstep(functions, closed, u0, gamma), gamma, *functions.data)
-    qb, _ = functions.q_and_grad(
-        ppl_em.mstep(functions, numeric, u0, gamma), gamma, *functions.data
-    )
+    batches = [(np.ascontiguousarray(gamma.T), whole_data(functions))]
+    qa, _ = q_and_grad(functions, m_step_from_resp(functions, closed, u0, gamma), batches)
+    qb, _ = q_and_grad(functions, m_step_from_resp(functions, numeric, u0, gamma), batches)
     assert qa >= qb - 1e-8 * abs(qb)
 
 
@@ -103,10 +105,11 @@ def test_map_with_non_conjugate_prior_goes_numeric():
         mu = pm.Normal("mu", 0.0, 2.0, shape=2)
         sigma = pm.HalfNormal("sigma", 1.0, shape=2)
         pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
-    plan = ppl_em.build_plan(ppl_em.analyse_model(m), "map")
+    graph = analyse_model(m)
+    plan = build_plan(graph, "map", data_spec(graph))
     assert plan.closed == {"w"}
     assert "sigma" in plan.reasons and "mu" in plan.reasons
     with pytest.raises(ppl_em.ClosedFormUnavailableError, match=r"'mu'|'sigma'"):
         ppl_em.prepare(m, mstep="closed")
     # the same model in mode="mle" is fully closed-form
-    assert ppl_em.build_plan(ppl_em.analyse_model(m), "mle").closed == {"w", "mu", "sigma"}
+    assert build_plan(graph, "mle", data_spec(graph)).closed == {"w", "mu", "sigma"}

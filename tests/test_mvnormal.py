@@ -12,7 +12,11 @@ import pytest
 from sklearn.mixture import GaussianMixture
 
 import ppl_em
-from ppl_em.mvnormal import solve_params, weighted_moments
+from ppl_em.em import EMData, default_start, em_data, em_init, em_step
+from ppl_em.model import analyse_model, build_plan, data_spec
+from ppl_em.steps import Stats, m_step_from_resp, make_mstep_config, q_and_grad, whole_data
+from ppl_em.steps.columns import StatsRequest
+from ppl_em.steps.mvn_solve import solve_params, weighted_moments
 from tests.conftest import EXACT
 
 RNG = np.random.default_rng(11)
@@ -119,11 +123,12 @@ def test_matches_sklearn_full_covariance(reg_covar):
 
 def _closed_and_numeric(model, mode="mle"):
     functions, closed = ppl_em.prepare(model, mode=mode, mstep="closed")
-    numeric = ppl_em.make_mstep_config(functions, "numeric", grad_reduction=EXACT)
-    u0 = ppl_em.default_start(functions, numeric, rng=None)
+    plan = build_plan(functions.graph, functions.mode, functions.spec)
+    numeric = make_mstep_config(functions, plan, "numeric", grad_reduction=EXACT)
+    u0 = default_start(functions, numeric, rng=None)
     gamma = RNG.dirichlet(np.ones(functions.graph.n_components), size=functions.graph.n_obs)
-    a = ppl_em.mstep(functions, closed, u0, gamma)
-    b = ppl_em.mstep(functions, numeric, u0, gamma)
+    a = m_step_from_resp(functions, closed, u0, gamma)
+    b = m_step_from_resp(functions, numeric, u0, gamma)
     return functions, closed, gamma, a, b
 
 
@@ -143,8 +148,9 @@ def test_closed_equals_numeric_mstep(build):
         functions.layout.rv_names, functions.constrain(a), functions.constrain(b), strict=True
     ):
         np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=name)
-    qa, _ = functions.q_and_grad(a, gamma, *functions.data)
-    qb, _ = functions.q_and_grad(b, gamma, *functions.data)
+    batches = [(np.ascontiguousarray(gamma.T), whole_data(functions))]
+    qa, _ = q_and_grad(functions, a, batches)
+    qb, _ = q_and_grad(functions, b, batches)
     assert qa >= qb - 1e-9 * abs(qb)
 
 
@@ -160,7 +166,8 @@ def test_closed_form_reproduces_weighted_moments():
 
 
 def test_map_with_informative_priors_stays_numeric():
-    plan = ppl_em.build_plan(ppl_em.analyse_model(gaussian_2d_label()), "map")
+    graph = analyse_model(gaussian_2d_label())
+    plan = build_plan(graph, "map", data_spec(graph))
     assert plan.mvn == ()
     for name in ("mu", "sigma", "rho"):
         assert name in plan.reasons and "closed" not in plan.reasons[name]
@@ -178,7 +185,8 @@ def test_tied_covariance_is_not_one_to_one():
         chol = pt.diag(sd)
         pm.Mixture("x", w=w, comp_dists=[pm.MvNormal.dist(mu=mu[j], chol=chol) for j in range(2)],
                    observed=x)  # fmt: skip
-    plan = ppl_em.build_plan(ppl_em.analyse_model(model), "mle")
+    graph = analyse_model(model)
+    plan = build_plan(graph, "mle", data_spec(graph))
     assert plan.mvn == ()
     assert "one-to-one" in plan.reasons["sd"]
 
@@ -202,27 +210,30 @@ def test_unreachable_target_falls_back_to_numeric():
     functions, closed = ppl_em.prepare(model, mode="mle")
     assert len(closed.plan.mvn) == 1
     gamma = np.full((200, 2), 0.5)
-    u0 = ppl_em.default_start(functions, closed, rng=None)
+    u0 = default_start(functions, closed, rng=None)
     mu_t, cov_t = weighted_moments(gamma, x)
     assert solve_params(closed.mvn[0], u0, mu_t, cov_t) is None
-    u1 = ppl_em.mstep(functions, closed._replace(grad_reduction=EXACT), u0, gamma)
-    q0, _ = functions.q_and_grad(u0, gamma, *functions.data)
-    q1, _ = functions.q_and_grad(u1, gamma, *functions.data)
+    u1 = m_step_from_resp(functions, closed._replace(grad_reduction=EXACT), u0, gamma)
+    batches = [(np.ascontiguousarray(gamma.T), whole_data(functions))]
+    q0, _ = q_and_grad(functions, u0, batches)
+    q1, _ = q_and_grad(functions, u1, batches)
     assert np.isfinite(q1) and q1 >= q0
     rho = dict(zip(functions.layout.rv_names, functions.constrain(u1), strict=True))["rho"]
     assert np.all(rho < 0.05)  # pushed towards the boundary rho -> 0
 
 
 def _fused_moments(x: np.ndarray, log_gamma: np.ndarray):
-    from ppl_em.closed_form import stats_request
-    from ppl_em.estep import fused_estep
-    from ppl_em.mvnormal import MvnSpec, moments_from_stats
-    from ppl_em.recognise import ClosedFormPlan
+    from ppl_em.model.mvn_spec import MvnSpec
+    from ppl_em.model.recognise import ClosedFormPlan
+    from ppl_em.steps.columns import stats_request
+    from ppl_em.steps.mvn_solve import moments_from_stats
+    from ppl_em.steps.passes import fused_estep
 
     plan = ClosedFormPlan((), frozenset(), {}, (MvnSpec("x", (), None, None),))
-    request = stats_request(plan, {"x": x}, len(x), log_gamma.shape[1], "mixture")
+    request = stats_request(plan, ("x",), (x,))
     # fused_estep normalises its input row-wise: log_gamma is its own log-softmax.
-    _, _, stats = fused_estep(log_gamma.T.copy(), request.columns)
+    _, loglik, nk, s = fused_estep(log_gamma.T.copy(), request.columns((x,)))
+    stats = Stats(len(x), loglik, nk, s)
     return moments_from_stats(stats.nk, stats, request, 0)
 
 
@@ -249,7 +260,7 @@ def test_singular_target_is_refused():
     reproduce it, and the solve says so rather than returning a degenerate factor."""
     x = blobs(300, 2, 3)
     functions, closed = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
-    u0 = ppl_em.default_start(functions, closed, rng=None)
+    u0 = default_start(functions, closed, rng=None)
     gamma = np.zeros((300, 2))
     gamma[:, 0] = 1.0
     gamma[:2] = [[0.0, 1.0], [0.0, 1.0]]
@@ -259,23 +270,38 @@ def test_singular_target_is_refused():
 
 
 def test_product_columns_are_computed_once_per_dataset():
-    from ppl_em.closed_form import RequestCache
-
     x = blobs(100, 2, 3)
     prepared = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
-    (data,) = prepared.functions.data
+    functions, config = prepared
+    (data,) = functions.data
     assert not data.flags.writeable  # compiled data are read-only copies
-    cache, plan = RequestCache(), prepared.config.plan
-    first = cache(plan, {"x": data}, 100, 2, "mixture")
-    assert cache(plan, {"x": data}, 100, 2, "mixture") is first
+    # the columns are built once, with the EMData, and every E- and M-step reuses them
+    built = []
+
+    class CountingRequest(StatsRequest):
+        def columns(self, arrays):
+            built.append(len(arrays[0]))
+            return super().columns(arrays)
+
+    request = CountingRequest(*em_data(functions, config).request)
+    em = EMData((whole_data(functions, request),), request)
+    first = em.chunks[0].columns
+    assert built == [100]
+    state = em_init(functions, default_start(functions, config, None), config, data=em)
+    for _ in range(2):
+        state = em_step(functions, config, state, data=em)
+        assert state.request is em.request and built == [100]
     # a new plan (fit(reg_covar=...) makes one) is never served the old plan's columns
-    renewed = plan._replace(mvn=plan.mvn)
-    rebuilt = cache(renewed, {"x": data}, 100, 2, "mixture")
-    assert rebuilt is not first and cache(renewed, {"x": data}, 100, 2, "mixture") is rebuilt
+    renewed = config._replace(plan=config.plan._replace(mvn=config.plan.mvn))
+    rebuilt = em_data(functions, renewed)
+    assert rebuilt.request is not em.request and rebuilt.request.plan is renewed.plan
+    assert rebuilt.chunks[0].columns is not first
+    # the user's writable array: its columns belong to the EMData built from it
     writable = data.copy()
-    again = cache(plan, {"x": writable}, 100, 2, "mixture")
-    assert again is not first and cache(plan, {"x": writable}, 100, 2, "mixture") is not again
-    np.testing.assert_array_equal(again.columns, first.columns)
+    on_writable = functions._replace(data=(writable,))
+    again = em_data(on_writable, config).chunks[0].columns
+    assert again is not first and em_data(on_writable, config).chunks[0].columns is not again
+    np.testing.assert_array_equal(again, first)
     # a refit on new data goes through with_data, which freezes its copy
     moved = ppl_em.with_data(prepared, x=x + 1.0)
     assert not moved.functions.data[0].flags.writeable

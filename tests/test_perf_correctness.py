@@ -14,6 +14,11 @@ from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
 import ppl_em
+from ppl_em.compiled import build_em_functions
+from ppl_em.em import apply_start, default_start, em_init, em_step, run_em
+from ppl_em.model import analyse_model
+from ppl_em.steps import Expectations, e_step, joint, m_step, m_step_from_resp, whole_data
+from ppl_em.steps.passes import fused_estep
 from tests.models_for_tests import coin_label, gaussian_data
 
 RNG = np.random.default_rng(11)
@@ -103,11 +108,13 @@ def test_stats_mstep_equals_gamma_mstep(name):
     model, mode = MODELS[name]()
     functions, config = ppl_em.prepare(model, mode=mode)
     assert not config.numeric_mask.any()
-    state = ppl_em.em_init(functions, ppl_em.default_start(functions, config, None), config)
+    state = em_init(functions, default_start(functions, config, None), config)
     assert state.stats is not None
     for _ in range(3):
-        fast = ppl_em.em_step(functions, config, state)
-        slow = ppl_em.em_step(functions, config, state._replace(stats=None))
+        fast = em_step(functions, config, state)
+        # the same M-step from statistics of the responsibilities matrix, not the fused pass
+        slow_u = m_step_from_resp(functions, config, state.u, np.exp(state.log_resp))
+        slow = em_init(functions, slow_u, config)
         np.testing.assert_allclose(fast.u, slow.u, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(
             fast.objective, slow.objective, rtol=OBJECTIVE_RTOL.get(name, 1e-12)
@@ -119,8 +126,8 @@ def test_stats_mstep_is_accurate_at_large_offsets():
     """Reference: the weighted moments in extended precision (np.longdouble)."""
     model, mode = MODELS["normal_offset"]()
     functions, config = ppl_em.prepare(model, mode=mode)
-    state = ppl_em.em_init(functions, ppl_em.default_start(functions, config, None), config)
-    new = ppl_em.em_step(functions, config, state)
+    state = em_init(functions, default_start(functions, config, None), config)
+    new = em_step(functions, config, state)
     gamma = np.exp(state.log_resp).astype(np.longdouble)
     x = (X_GAUSS + 1e8).astype(np.longdouble)[:, None]
     nk = gamma.sum(axis=0)
@@ -134,34 +141,49 @@ def test_stats_mstep_is_accurate_at_large_offsets():
 def test_joint_and_estep_match_scipy():
     functions, config = ppl_em.prepare(_flat_gaussian_mixture(X_GAUSS), mode="mle")
     w, mu, sigma = np.array([0.2, 0.3, 0.5]), np.array([-3.0, 0.5, 4.0]), np.array([1, 2, 0.5])
-    u = ppl_em.apply_start(functions, {"w": w, "mu": mu, "sigma": sigma}, np.zeros(8))
+    u = apply_start(functions, {"w": w, "mu": mu, "sigma": sigma}, np.zeros(8))
     expected = np.log(w) + stats.norm.logpdf(X_GAUSS[:, None], mu, sigma)
-    np.testing.assert_allclose(functions.joint(u, *functions.data), expected, rtol=1e-12)
-    log_resp, loglik, _ = functions.estep(u, *functions.data)
+    np.testing.assert_allclose(joint(functions, u), expected, rtol=1e-12)
+    st = e_step(functions, u, whole_data(functions), keep_resp=True)
+    log_resp = st.log_resp
+    loglik = st.loglik + functions.fixed(u, *functions.fixed_data)[0]
     lse = logsumexp(expected, axis=1)
     np.testing.assert_allclose(log_resp, expected - lse[:, None], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(loglik, lse.sum(), rtol=1e-12)
-    state = ppl_em.em_init(functions, u, config)
+    state = em_init(functions, u, config)
     gamma = np.exp(expected - lse[:, None])
-    np.testing.assert_allclose(state.stats[0].nk, gamma.sum(axis=0), rtol=1e-11)
+    np.testing.assert_allclose(state.stats.nk, gamma.sum(axis=0), rtol=1e-11)
     # the Normal block's columns are the data centred on their mean, and their squares
     dev = X_GAUSS - X_GAUSS.mean()
-    np.testing.assert_allclose(state.stats[0].s[0], gamma.T @ dev, rtol=1e-10, atol=1e-9)
-    np.testing.assert_allclose(state.stats[0].s[1], gamma.T @ dev**2, rtol=1e-11)
+    np.testing.assert_allclose(state.stats.s[0], gamma.T @ dev, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(state.stats.s[1], gamma.T @ dev**2, rtol=1e-11)
+
+
+def _stats_refused(functions, config, state) -> bool:
+    """Whether the closed-form M-step from ``state``'s statistics refuses them and reads
+    the responsibilities instead (the second pass over them)."""
+    read = []
+    chunk = whole_data(functions, state.request)
+    gamma_t = np.ascontiguousarray(np.exp(state.log_resp.T))
+
+    def batches():
+        read.append(True)
+        return [(gamma_t, chunk)]
+
+    m_step(functions, config, state.u, Expectations(state.stats, state.request, batches))
+    return bool(read)
 
 
 def test_stats_path_refuses_when_moments_would_cancel():
-    from ppl_em.em import _stats_mstep
-
     functions, config = ppl_em.prepare(_flat_gaussian_mixture(X_FAR), mode="mle")
     start = {"w": [0.3, 0.3, 0.4], "mu": [0.0, 5e4, 1e5], "sigma": [1.0, 1.0, 1.0]}
-    u = ppl_em.apply_start(functions, start, np.zeros(functions.layout.size))
-    state = ppl_em.em_init(functions, u, config)
-    assert state.stats is not None and _stats_mstep(functions, config, state) is None
+    u = apply_start(functions, start, np.zeros(functions.layout.size))
+    state = em_init(functions, u, config)
+    assert state.stats is not None and _stats_refused(functions, config, state)
     near = ppl_em.prepare(_flat_gaussian_mixture(X_GAUSS), mode="mle")
-    u = ppl_em.default_start(near.functions, near.config, None)
-    state = ppl_em.em_init(near.functions, u, near.config)
-    assert _stats_mstep(near.functions, near.config, state) is not None
+    u = default_start(near.functions, near.config, None)
+    state = em_init(near.functions, u, near.config)
+    assert not _stats_refused(near.functions, near.config, state)
 
 
 def test_converged_fit_equals_sklearn():
@@ -181,41 +203,36 @@ def test_converged_fit_equals_sklearn():
 def test_new_data_reuse_compiled_functions():
     prepared = ppl_em.prepare(_flat_gaussian_mixture(X_GAUSS), mode="mle")
     first = ppl_em.fit(prepared=prepared, mode="mle", tol=1e-12, progressbar=False)
-    compiled = prepared.functions.joint_terms._fn
+    compiled = prepared.functions.rows.compiled
     x2 = gaussian_data(n=3000, seed=9)
     again = ppl_em.with_data(prepared, x=x2)
     second = ppl_em.fit(prepared=again, mode="mle", tol=1e-12, progressbar=False)
-    assert again.functions.joint_terms._fn is compiled
+    assert again.functions.rows.compiled is compiled
     with _flat_gaussian_mixture(x2):
         fresh = ppl_em.fit(mode="mle", tol=1e-12, progressbar=False)
     np.testing.assert_allclose(second.loglik, fresh.loglik, rtol=1e-12)
     assert not np.isclose(first.loglik, second.loglik)
 
 
-def test_threaded_fused_estep_equals_serial(monkeypatch):
+def test_threaded_fused_estep_equals_serial():
     """Large N splits the fused pass across threads; the split must not change the
     answer beyond summation order (1e-12 relative)."""
-    from ppl_em import estep
-
     rng = np.random.default_rng(4)
     x = rng.normal(size=50_000)
     mu, sd = np.array([-1.0, 0.5, 2.0]), np.array([1.0, 0.3, 2.0])
     joint = stats.norm.logpdf(x[None], mu[:, None], sd[:, None]) + np.log(1 / 3)
     cols = np.stack([x, x**2])
-    monkeypatch.setattr(estep, "CHUNK", 4096)
-    serial = estep.fused_estep(joint.copy(), cols)
-    monkeypatch.setattr(estep, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(estep, "_worker_count", lambda n: 2)
-    threaded = estep.fused_estep(joint.copy(), cols)
+    serial = fused_estep(joint.copy(), cols, chunk=4096, workers=1)
+    threaded = fused_estep(joint.copy(), cols, chunk=4096, workers=2)
     np.testing.assert_array_equal(serial[0], threaded[0])
     assert threaded[1] == pytest.approx(serial[1], rel=1e-12)
-    for a, b in zip(serial[2], threaded[2], strict=True):
+    for a, b in zip(serial[2:], threaded[2:], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     # and both equal the direct computation
     resp = np.exp(joint - logsumexp(joint, axis=0))
-    np.testing.assert_allclose(threaded[2].nk, resp.sum(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(threaded[2].s[0], resp @ x, rtol=1e-10)
-    np.testing.assert_allclose(threaded[2].s[1], resp @ x**2, rtol=1e-10)
+    np.testing.assert_allclose(threaded[2], resp.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(threaded[3][0], resp @ x, rtol=1e-10)
+    np.testing.assert_allclose(threaded[3][1], resp @ x**2, rtol=1e-10)
 
 
 def test_backend_choice_changes_speed_not_results():
@@ -246,13 +263,13 @@ def test_label_with_per_observation_probabilities_joint_matches_scipy():
         z = pm.Categorical("z", p=pt.stack([1 - p1, p1], axis=1), shape=n)
         pm.Normal("x", mu=mu[z], sigma=1.0, observed=x)
     functions = ppl_em.prepare(model).functions
-    joint = functions.joint(np.array([0.3, -1.0, 1.5]), *functions.data)
+    rows = joint(functions, np.array([0.3, -1.0, 1.5]))
     q = 1 / (1 + np.exp(-0.3 * covariate))
     ref = np.stack(
         [np.log(1 - q) + stats.norm.logpdf(x, -1.0, 1), np.log(q) + stats.norm.logpdf(x, 1.5, 1)],
         axis=1,
     )
-    np.testing.assert_allclose(joint, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rows, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_writing_to_the_users_array_after_prepare_changes_nothing():
@@ -265,20 +282,17 @@ def test_writing_to_the_users_array_after_prepare_changes_nothing():
     assert after.loglik == before.loglik
 
 
-def test_label_joint_fallback_equals_row_by_row(monkeypatch):
+def test_label_joint_fallback_equals_row_by_row():
     """Where an Op insists on the label's own length, the joint is vectorised over a
     full (K, N) domain instead (as pymc-extras does); both constructions must agree."""
-    from ppl_em import estep
-
     x = gaussian_data(200, seed=6)
     u = np.array([0.3, -0.2, -3.0, 0.5, 4.0, 0.1, -0.3, 0.4])
     fast = ppl_em.prepare(_gaussian_label_flat(x), mode="mle").functions
-    monkeypatch.setattr(estep, "_label_joint_broadcast", lambda graph: None)
-    slow = ppl_em.prepare(_gaussian_label_flat(x), mode="mle").functions
-    assert fast.layout.size == u.size
-    np.testing.assert_allclose(
-        fast.joint(u, *fast.data), slow.joint(u, *slow.data), rtol=1e-12, atol=1e-12
+    slow = build_em_functions(
+        analyse_model(_gaussian_label_flat(x)), mode="mle", broadcast_label=False
     )
+    assert fast.layout.size == u.size
+    np.testing.assert_allclose(joint(fast, u), joint(slow, u), rtol=1e-12, atol=1e-12)
 
 
 def test_em_loop_skips_log_resp_but_returns_it():
@@ -286,18 +300,20 @@ def test_em_loop_skips_log_resp_but_returns_it():
     state has them, equal to an E-step at its estimate."""
     x = X_GAUSS
     functions, config = ppl_em.prepare(_flat_gaussian_mixture(x), mode="mle")
-    u0 = ppl_em.default_start(functions, config, np.random.default_rng(0))
-    state = ppl_em.em_init(functions, u0, config, keep_resp=False)
+    u0 = default_start(functions, config, np.random.default_rng(0))
+    state = em_init(functions, u0, config, keep_resp=False)
     assert state.log_resp is None and state.stats is not None
-    kept = ppl_em.em_init(functions, u0, config)
+    kept = em_init(functions, u0, config)
     assert state.objective == pytest.approx(kept.objective, rel=1e-14)
-    lean = ppl_em.em_step(functions, config, state, keep_resp=False)
-    full = ppl_em.em_step(functions, config, kept)
+    lean = em_step(functions, config, state, keep_resp=False)
+    full = em_step(functions, config, kept)
     np.testing.assert_array_equal(lean.u, full.u)
     assert lean.log_resp is None
-    run = ppl_em.run_em(functions, config, u0, tol=1e-10)
+    run = run_em(functions, config, u0, tol=1e-10)
     np.testing.assert_allclose(
-        run.state.log_resp, functions.estep(run.state.u, *functions.data)[0], atol=1e-13
+        run.state.log_resp,
+        e_step(functions, run.state.u, whole_data(functions), keep_resp=True).log_resp,
+        atol=1e-13,
     )
 
 
@@ -307,6 +323,6 @@ def test_loop_without_log_resp_still_names_the_bad_observation():
     x = RNG.poisson(np.repeat([2.0, 9.0], 50)).astype(float)
     x[17] = -1.0  # outside every Poisson component's support
     functions, config = ppl_em.prepare(_poisson(x), mode="map")
-    u0 = ppl_em.default_start(functions, config, np.random.default_rng(0))
+    u0 = default_start(functions, config, np.random.default_rng(0))
     with pytest.raises(ppl_em.DataError, match="observation 17 of 'x'"):
-        ppl_em.em_init(functions, u0, config, keep_resp=False)
+        em_init(functions, u0, config, keep_resp=False)

@@ -15,6 +15,8 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 import ppl_em
+from ppl_em.em import apply_start, em_init
+from ppl_em.steps import m_step_from_resp, make_mstep_config, q_and_grad, whole_data
 from tests.conftest import EXACT, assert_monotone
 
 N = 40
@@ -118,7 +120,7 @@ def _close(a, b, rtol=1e-6, atol=1e-8):
 @given(datasets(), st.sampled_from(["auto", "numeric"]))
 def test_objective_never_decreases_and_responsibilities_are_a_distribution(prepared, data, how):
     fam, x = data
-    config = ppl_em.make_mstep_config(prepared[fam].functions, how)
+    config = make_mstep_config(prepared[fam].functions, prepared[fam].config.plan, how)
     res = _fit(prepared[fam]._replace(config=config), x, iters=100 if how == "auto" else 15)
     assert_monotone(res.history)
     gamma = res.responsibilities
@@ -200,11 +202,11 @@ def test_affine_rescaling_of_gaussian_data(prepared, data, scale, shift):
 def test_closed_form_and_numeric_mstep_agree(prepared, data):
     fam, x = data
     functions, config = ppl_em.with_data(prepared[fam], x=x)
-    numeric = ppl_em.make_mstep_config(functions, "numeric", grad_reduction=EXACT)
-    u0 = ppl_em.apply_start(functions, _start(fam, x), np.zeros(functions.layout.size))
-    gamma = np.exp(ppl_em.em_init(functions, u0).log_resp)
-    closed = functions.constrain(ppl_em.mstep(functions, config, u0, gamma))
-    lbfgs = functions.constrain(ppl_em.mstep(functions, numeric, u0, gamma))
+    numeric = make_mstep_config(functions, config.plan, "numeric", grad_reduction=EXACT)
+    u0 = apply_start(functions, _start(fam, x), np.zeros(functions.layout.size))
+    gamma = np.exp(em_init(functions, u0).log_resp)
+    closed = functions.constrain(m_step_from_resp(functions, config, u0, gamma))
+    lbfgs = functions.constrain(m_step_from_resp(functions, numeric, u0, gamma))
     for c, n in zip(closed, lbfgs, strict=True):
         np.testing.assert_allclose(c, n, rtol=1e-5, atol=1e-7)
     if fam == "normal":  # and both are the weighted Gaussian MLE, by hand
@@ -215,8 +217,10 @@ def test_closed_form_and_numeric_mstep_agree(prepared, data):
         np.testing.assert_allclose(closed[2], sd, rtol=1e-12)
         q = (gamma * (np.log(closed[0]) + norm.logpdf(x[:, None], mu, sd))).sum()
         assert q == pytest.approx(
-            functions.q_and_grad(
-                ppl_em.mstep(functions, config, u0, gamma), gamma, *functions.data
+            q_and_grad(
+                functions,
+                m_step_from_resp(functions, config, u0, gamma),
+                [(np.ascontiguousarray(gamma.T), whole_data(functions))],
             )[0],
             rel=1e-12,
         )

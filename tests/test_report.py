@@ -13,9 +13,8 @@ from models_for_tests import gaussian_data, gaussian_mixture
 
 import ppl_em
 from models import poisson_counts, regression_mixture
-from ppl_em.crosscheck import compare
-from ppl_em.report import data_plots, write_report, writer
-from ppl_em.report.fit_plots import nuts_responsibilities
+from ppl_em.inference.crosscheck import compare
+from ppl_em.report import data_plots, files, write_report, writer
 
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">')
 
@@ -72,7 +71,10 @@ def test_report_html_has_table_figures_and_summary(comparison, report_dir):
 @pytest.mark.slow
 def test_nuts_responsibilities_match_crosscheck(comparison):
     em_resp, nuts = comparison.label_posteriors()
-    np.testing.assert_allclose(nuts_responsibilities(comparison), nuts)
+    # The report draws label_posteriors()[1] (fit_plots.nuts_responsibilities is gone):
+    # the posterior mean over the NUTS draws of the recorded p(z_i = k | x, theta).
+    lp = comparison.idata.posterior[f"lp_{comparison.em.label_name}"]
+    np.testing.assert_allclose(np.exp(np.asarray(lp, dtype=float)).mean(axis=(0, 1)), nuts)
     # Well-separated rates: EM and the posterior agree on memberships to a few percent.
     assert np.abs(nuts - em_resp).max() < 0.1
 
@@ -212,8 +214,12 @@ def test_check_target_rules(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         writer.check_target(tmp_path / "file", force=True)
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "index.html").write_text("<html></html>")
+    # A previous report is what the writer wrote: its page ends with the files' manifest.
+    files.replace_dir(tmp_path / "old", {"report.json": "{}", "index.html": "<html></html>"}, False)
     with pytest.raises(FileExistsError, match="--force"):
         writer.check_target(tmp_path / "old", force=False)
     writer.check_target(tmp_path / "old", force=True)  # a previous report may be replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "index.html").write_text("<html></html>")  # not written by ppl_em
+    with pytest.raises(FileExistsError, match=r"mine/index\.html .*even with --force"):
+        writer.check_target(tmp_path / "mine", force=True)

@@ -5,6 +5,7 @@ still gives -inf), and the E-step's one-thread BLAS limit is undone afterwards."
 
 import numpy as np
 import pymc as pm
+import pytensor
 import pytensor.tensor as pt
 import pytest
 from pymc.logprob.utils import CheckParameterValue
@@ -13,7 +14,11 @@ from pytensor.tensor.slinalg import SolveTriangular
 from scipy import stats
 
 import ppl_em
-from ppl_em.rewrites import MANY_RHS, solves_as_products
+import ppl_em.compiled.functions as functions_module
+import ppl_em.steps.estep as estep_module
+from ppl_em.compiled.rewrites import MANY_RHS, solves_as_products
+from ppl_em.em import apply_start, default_start, em_init
+from ppl_em.steps import e_step, joint, whole_data
 from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
 
 
@@ -27,6 +32,21 @@ def _solves(outputs) -> list:
     return found
 
 
+def _rows_graph(functions):
+    """The rows' graph as handed to the compiler (rewritten): ``(inputs, outputs, mode)``."""
+    return functions.rows._graph
+
+
+def _rhs_rows(functions, nodes, u) -> list[int]:
+    """The first dimension of each solve's right-hand side when the rows are evaluated
+    over the data ``functions`` hold (the graph's data inputs have no static length)."""
+    inputs, _, _ = _rows_graph(functions)
+    shapes = pytensor.function(
+        inputs, [node.inputs[1].shape[0] for node in nodes], on_unused_input="ignore"
+    )
+    return [int(s) for s in shapes(u, *functions.data)] if nodes else []
+
+
 def test_mixture_joint_equals_scipy_after_rewrite():
     k, d, n = 3, 4, 2 * MANY_RHS
     x = blobs(n, k, d)
@@ -36,15 +56,15 @@ def test_mixture_joint_equals_scipy_after_rewrite():
     mu, sd = rng.normal(size=(k, d)), rng.uniform(0.5, 2.0, size=(k, d))
     off = rng.normal(scale=0.3, size=(k, d * (d - 1) // 2))
     start = {"w": w, "mu": mu, "sd": sd, "off": off}
-    u = ppl_em.apply_start(functions, start, np.zeros(functions.layout.size))
+    u = apply_start(functions, start, np.zeros(functions.layout.size))
     chol = _chol_from_flat(sd, off)
     expected = np.stack(
         [np.log(w[j]) + stats.multivariate_normal(mu[j], chol[j] @ chol[j].T).logpdf(x)
          for j in range(k)], axis=1,
     )  # fmt: skip
-    np.testing.assert_allclose(functions.joint(u, *functions.data), expected, rtol=1e-12)
+    np.testing.assert_allclose(joint(functions, u), expected, rtol=1e-12)
     # the compiled joint has only the D x D inversions left (identity right-hand side)
-    _, outputs, _ = functions.joint_terms._graph
+    _, outputs, _ = _rows_graph(functions)
     for node in _solves(outputs):
         assert node.inputs[1].type.shape[-1] == d and node.inputs[1].type.shape[0] == d
 
@@ -52,19 +72,19 @@ def test_mixture_joint_equals_scipy_after_rewrite():
 def test_label_model_rewritten_and_unchanged(monkeypatch):
     model = gaussian_2d_label(n=300)
     model_joint, config = ppl_em.prepare(model, mode="map")
-    u = ppl_em.default_start(model_joint, config, np.random.default_rng(1))
-    _, outputs, _ = model_joint.joint_terms._graph
-    assert not any(node.inputs[1].type.shape[0] == 300 for node in _solves(outputs))
-    # the same graph without the rewrite (MANY_RHS above N) gives the same joint
-    import ppl_em.rewrites as rewrites
-
-    monkeypatch.setattr(rewrites, "MANY_RHS", 10**9)
+    u = default_start(model_joint, config, np.random.default_rng(1))
+    _, outputs, _ = _rows_graph(model_joint)
+    # The rows take chunks of any length, so the length of a solve's right-hand side is
+    # read off the graph evaluated over the data (N = 300), not its static type.
+    assert not any(rows == 300 for rows in _rhs_rows(model_joint, _solves(outputs), u))
+    # the same graph without the rewrite gives the same joint. A chunk's length is not
+    # known when compiling (every chunk counts as many right-hand sides), so MANY_RHS
+    # above N no longer switches the rewrite off: build the rows without it instead.
+    monkeypatch.setattr(functions_module, "solves_as_products", lambda outputs: outputs)
     plain = ppl_em.prepare(gaussian_2d_label(n=300), mode="map").functions
-    _, plain_outputs, _ = plain.joint_terms._graph
-    assert any(node.inputs[1].type.shape[0] == 300 for node in _solves(plain_outputs))
-    np.testing.assert_allclose(
-        model_joint.joint(u, *model_joint.data), plain.joint(u, *plain.data), rtol=1e-12
-    )
+    _, plain_outputs, _ = _rows_graph(plain)
+    assert any(rows == 300 for rows in _rhs_rows(plain, _solves(plain_outputs), u))
+    np.testing.assert_allclose(joint(model_joint, u), joint(plain, u), rtol=1e-12)
 
 
 def test_per_observation_factors_are_left_alone():
@@ -92,27 +112,26 @@ def _blas_threads(functions) -> list[int]:
 
 
 def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
-    import ppl_em.compile as compile_module
-
     x = blobs(300, 2, 2)
     seen = []
-    real = compile_module.fused_estep
+    real = estep_module.fused_estep
 
     def spy(*args):
         seen.append(_blas_threads(functions))
         return real(*args)
 
-    # The pass is bound when the functions are built; both E-step entry points (the EM
-    # loop's em_init and EMFunctions.estep) must then call it with one BLAS thread.
-    monkeypatch.setattr(compile_module, "fused_estep", spy)
+    # The E-step picks its pass when it runs (the NumPy pass for NumPy-backed rows);
+    # both E-step entry points (the EM loop's em_init and e_step) must call it with one
+    # BLAS thread.
+    monkeypatch.setattr(estep_module, "fused_estep", spy)
     functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
-    assert functions.fused is spy
-    u = ppl_em.default_start(functions, config, None)
+    assert not functions.compiled_rows  # so the pass e_step runs is the spied one
+    u = default_start(functions, config, None)
     # two threads outside, whatever this machine's default, so the check can fail
     with functions.blas.limit(limits=2, user_api="blas"):
         before = _blas_threads(functions)
-        ppl_em.em_init(functions, u, config)
-        functions.estep(u, *functions.data)
+        em_init(functions, u, config)
+        e_step(functions, u, whole_data(functions), keep_resp=True)
         after = _blas_threads(functions)
     assert before and all(n == 2 for n in before)
     assert len(seen) == 2 and all(n == 1 for threads in seen for n in threads)
@@ -136,7 +155,7 @@ def test_failed_parameter_check_still_gives_minus_inf(backend):
     rng = np.random.default_rng(3)
     x = rng.normal(size=400)
     functions = _label_normal(x, 3, backend)
-    _, outputs, _ = functions.joint_terms._graph
+    _, outputs, _ = _rows_graph(functions)
     rows = outputs[:3]
     checked = any(
         isinstance(node.op, CheckParameterValue)
@@ -146,17 +165,17 @@ def test_failed_parameter_check_still_gives_minus_inf(backend):
     assert checked == (backend == "python")
     w, mu = np.array([0.2, 0.3, 0.5]), np.array([-1.0, 0.0, 2.0])
     for sigma in ([1.0, 0.5, 2.0], [1.0, -0.5, 2.0], [1.0, 0.0, 2.0]):
-        u = ppl_em.apply_start(
+        u = apply_start(
             functions, {"w": w, "mu": mu, "sigma": sigma}, np.zeros(functions.layout.size)
         )
-        joint = functions.joint(u, *functions.data)
+        matrix = joint(functions, u)
         for j in range(3):
             if sigma[j] > 0:
                 expected = np.log(w[j]) + stats.norm.logpdf(x, mu[j], sigma[j])
-                np.testing.assert_allclose(joint[:, j], expected, rtol=1e-13)
+                np.testing.assert_allclose(matrix[:, j], expected, rtol=1e-13)
             else:
-                assert np.all(joint[:, j] == -np.inf)
+                assert np.all(matrix[:, j] == -np.inf)
         # the compiled row buffers are reused; a joint returned before is the caller's
-        before = joint.copy()
-        functions.joint(u + 0.1, *functions.data)
-        np.testing.assert_array_equal(joint, before)
+        before = matrix.copy()
+        joint(functions, u + 0.1)
+        np.testing.assert_array_equal(matrix, before)

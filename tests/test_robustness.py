@@ -12,6 +12,8 @@ from sklearn.mixture import GaussianMixture
 
 import ppl_em
 from ppl_em import diagnostics
+from ppl_em.em import apply_start, run_em
+from ppl_em.steps import joint
 from tests.models_for_tests import coin_label
 
 # 50 standard-normal points and one outlier: a 2-component Gaussian MLE started on the
@@ -124,10 +126,10 @@ def test_restarts_skip_collapsed_run(gauss_mle):
     functions, config = gauss_mle
     # Every asymmetric start collapses on this data; the symmetric one stays put.
     symmetric = {"w": [0.5, 0.5], "mu": [0.0, 0.0], "sigma": [1.0, 1.0]}
-    starts = [ppl_em.apply_start(functions, s, np.zeros(functions.layout.size))
+    starts = [apply_start(functions, s, np.zeros(functions.layout.size))
               for s in (START_OUT, symmetric)]  # fmt: skip
-    runs = [ppl_em.run_em(functions, config, u, max_iter=500) for u in starts]
-    joints = [functions.joint(r.state.u, *functions.data) for r in runs]
+    runs = [run_em(functions, config, u, max_iter=500) for u in starts]
+    joints = [joint(functions, r.state.u) for r in runs]
     objectives = [r.state.objective for r in runs]
     assert objectives[0] > objectives[1] + 100  # the collapsed likelihood is far higher
     best, found = diagnostics.select_run(

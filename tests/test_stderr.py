@@ -15,7 +15,8 @@ from scipy.special import logsumexp
 
 import ppl_em
 from models import coin, poisson_counts
-from ppl_em.stderr import NotIdentifiedError, covariance, standard_errors
+from ppl_em import NotIdentifiedError
+from ppl_em.inference.stderr import covariance, standard_errors
 
 
 def fd_hessian(f, x, rel=1e-4):

@@ -22,24 +22,23 @@ def color(k: int) -> str:
     return COLORS[k % len(COLORS)]
 
 
-def _joint_at(em: EMResult, values: np.ndarray) -> np.ndarray:
-    """``log p(v, z=k | theta)`` for each v (G x K), evaluated N at a time.
+def _observed_name(em: EMResult) -> str:
+    return next(iter(em.observed))
 
-    The compiled function's data input has the observed array's static shape, so the grid
-    is fed in chunks of length N, the last one padded with its own first value.
-    """
-    y = em.functions.data[0]
-    n, out = len(y), []
-    for start in range(0, len(values), n):
-        chunk = values[start : start + n]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], n - len(chunk), axis=0)])
-        joint = np.asarray(em.functions.joint(em.unconstrained, padded.astype(y.dtype)))
-        out.append(joint[: len(chunk)])
-    return np.concatenate(out)
+
+def _joint_at(em: EMResult, values: np.ndarray) -> np.ndarray:
+    """``log p(v, z=k | theta)`` for each v (G x K); the model has no covariates."""
+    y = em.observed[_observed_name(em)]
+    return em.joint_logp(**{_observed_name(em): np.asarray(values).astype(y.dtype)})
 
 
 def _rows_independent(em: EMResult) -> bool:
-    y = em.functions.data[0]
+    """Whether each observation's joint row depends on its own value only (so the
+    density can be drawn on a grid): no covariates, and reversing the data reverses
+    the rows."""
+    if em.data_spec.names != em.data_spec.observed:
+        return False
+    y = em.observed[_observed_name(em)]
     forward = em.joint_logp()
     backward = _joint_at(em, y[::-1])[::-1]
     return bool(np.allclose(forward, backward, rtol=1e-9, atol=1e-9, equal_nan=True))
@@ -60,7 +59,7 @@ def _density_1d(ax, em: EMResult, y: np.ndarray) -> str:
     for k in range(comp.shape[1]):
         ax.plot(grid, comp[:, k], color=color(k), lw=1.2, label=f"w·f component {k}", **style)
     ax.plot(grid, comp.sum(axis=1), color="black", lw=2, label="EM mixture", **style)
-    ax.set_xlabel(em.functions.data_names[0])
+    ax.set_xlabel(_observed_name(em))
     ax.set_ylabel("probability" if discrete else "density")
     ax.legend(frameon=False, fontsize=8)
     kind = "pmf" if discrete else "density"
@@ -81,7 +80,7 @@ def _stacked_1d(ax, em: EMResult, y: np.ndarray) -> str:
         color=[color(k) for k in range(resp.shape[1])],
         label=[f"component {k}" for k in range(resp.shape[1])],
     )
-    ax.set_xlabel(em.functions.data_names[0])
+    ax.set_xlabel(_observed_name(em))
     ax.set_ylabel("count")
     ax.legend(frameon=False, fontsize=8)
     return (
@@ -114,7 +113,7 @@ def _scatter_2d(ax, em: EMResult, y: np.ndarray) -> str:
             cov = (weight[:, None] * centred).T @ centred / weight.sum()
             _ellipse(ax, mean, cov, k)
             ax.plot(*mean, marker="x", color="black", ms=9)
-    name = em.functions.data_names[0]
+    name = _observed_name(em)
     ax.set_xlabel(f"{name}[:, 0]")
     ax.set_ylabel(f"{name}[:, 1]")
     ax.legend(frameon=False, fontsize=8)
@@ -136,7 +135,7 @@ def _regression(ax, em: EMResult, x: np.ndarray, y: np.ndarray) -> str:
         coef, *_ = np.linalg.lstsq(design * sw[:, None], y * sw, rcond=None)
         ax.plot(grid, coef[0] + coef[1] * grid, color=color(k), lw=2, label=f"component {k}")
     ax.set_xlabel("x (covariate)")
-    ax.set_ylabel(em.functions.data_names[0])
+    ax.set_ylabel(_observed_name(em))
     ax.legend(frameon=False, fontsize=8)
     return (
         "Response against covariate, points coloured by their most probable EM component; "
@@ -146,12 +145,13 @@ def _regression(ax, em: EMResult, x: np.ndarray, y: np.ndarray) -> str:
 
 def data_figure(em: EMResult, data=None) -> tuple[Figure | None, str]:
     """The data with the fitted mixture, and a caption saying what is drawn (or why not)."""
-    if len(em.functions.data) != 1:
+    observed = em.observed
+    if len(observed) != 1:
         return None, (
-            f"The model has {len(em.functions.data)} observed arrays "
-            f"{list(em.functions.data_names)}; the data plot covers single-observed models."
+            f"The model has {len(observed)} observed arrays {list(observed)}; the data "
+            "plot covers single-observed models."
         )
-    y = np.asarray(em.functions.data[0])
+    y = np.asarray(observed[_observed_name(em)])
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.add_subplot()
     is_pair = isinstance(data, tuple | list) and len(data) == 2

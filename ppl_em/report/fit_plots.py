@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib import MatplotlibDeprecationWarning
 from matplotlib.figure import Figure
 
+from ppl_em.compiled.layout import element_names
 from ppl_em.report.data_plots import color
 from ppl_em.result import EMResult
 
@@ -21,9 +22,9 @@ def scalar_entries(params: dict[str, np.ndarray]) -> list[tuple[str, str, tuple]
     """``(variable, "name[i, j]", index)`` for every scalar inside each parameter array."""
     out = []
     for name, value in params.items():
-        for idx in np.ndindex(np.shape(value)):
-            label = f"{name}[{', '.join(map(str, idx))}]" if idx else name
-            out.append((name, label, idx))
+        shape = np.shape(value)
+        labels = element_names(name, shape)
+        out += [(name, label, idx) for label, idx in zip(labels, np.ndindex(shape), strict=True)]
     return out
 
 
@@ -139,15 +140,6 @@ def forest_figure(table: pd.DataFrame) -> Figure:
         ax.tick_params(axis="x", labelsize=8)
     axes[0].legend(frameon=False, fontsize=7, ncols=4, loc="lower left", bbox_to_anchor=(0, 1))
     return fig
-
-
-def nuts_responsibilities(comparison) -> np.ndarray | None:
-    """Posterior mean of ``p(z_i = k | x, theta)`` over NUTS draws (N x K), if recorded."""
-    lp_name = f"lp_{comparison.em.label_name}"
-    if lp_name not in comparison.idata.posterior:
-        return None
-    lp = np.asarray(comparison.idata.posterior[lp_name].values, dtype=float)
-    return np.exp(lp).mean(axis=(0, 1))
 
 
 def responsibility_figure(em: EMResult, nuts: np.ndarray) -> Figure:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,9 +15,9 @@ import numpy as np
 
 from ppl_em.report import fit_plots, html
 from ppl_em.report.data_plots import data_figure
+from ppl_em.report.files import REPORT_FILES, check_target, replace_dir
 
-# What a report directory holds; force=True replaces only directories made of these.
-REPORT_FILES = ("index.html", "report.json")
+__all__ = ["REPORT_FILES", "check_target", "render_html", "write_report"]
 
 
 def _n_chains(comparison) -> int:
@@ -59,7 +57,7 @@ def _summary(comparison) -> str:
             "ok" if healthy else "bad",
         ),
     ]
-    n, k = em.functions.graph.n_obs, em.n_components
+    n, k = em.n_obs, em.n_components
     intro = (
         f"<p>{n} observations, K = {k} components, {len(table)} scalar parameters. "
         "EM, PyMC's find_MAP and NUTS on the marginalised model were run on the same model; "
@@ -132,7 +130,7 @@ def _sections(comparison, data) -> list[str]:
         "(dashed) and find_MAP from PyMC's default start (dotted).",
     )
     out.append(html.section("Posterior densities", posterior, "posteriors"))
-    nuts = fit_plots.nuts_responsibilities(comparison)
+    nuts = comparison.label_posteriors()[1]
     if nuts is None:
         resp = "<p>The NUTS run did not record the label posterior (lp_ variable).</p>"
     else:
@@ -171,55 +169,19 @@ def _json_default(value):
     return str(value)
 
 
-def check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is a file, not a report directory.")
-    if out_dir.exists() and not force:
-        raise FileExistsError(
-            f"{out_dir} already exists; pass force=True (CLI: --force) to replace it, "
-            "or choose another output directory."
-        )
-    if out_dir.exists():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES)
-        if foreign:
-            # force replaces an old report, never a directory holding the user's own files.
-            raise FileExistsError(
-                f"{out_dir} holds files that are not part of a ppl_em report ({foreign[:5]}); "
-                "refusing to delete them even with --force. Choose another directory."
-            )
-
-
 def write_report(comparison, out_dir: str | os.PathLike, *, data=None, force: bool = False) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/report.json``; return ``out_dir``.
 
     ``data`` is what the plots show; by default the model's observed array, and a pair
     ``(x, y)`` draws a regression. An existing ``out_dir`` is replaced only with
-    ``force=True`` and only if it holds nothing but a previous report. The files are
-    built in a temporary sibling directory and renamed into place, so an interrupted
-    run leaves either the old report or the new one, never half of one.
+    ``force=True`` and only if everything in it, recursively, is a file a report wrote
+    and nobody changed since (``index.html`` ends with a manifest of them); a symlinked
+    ``out_dir`` keeps pointing at the directory it names, which is replaced. The files
+    are built in a hidden sibling directory and swapped into place in one step, so a
+    run killed at any moment leaves the old report or the new one; the next run removes
+    what it left behind. ``ppl_em.report.files`` has the details and a test seam.
     """
-    out_dir = Path(out_dir).absolute()
-    check_target(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        payload = json.dumps(comparison.to_json(), indent=2, default=_json_default)
-        (tmp / "report.json").write_text(payload, encoding="utf-8")
-        (tmp / "index.html").write_text(render_html(comparison, data), encoding="utf-8")
-        # mkdtemp creates mode 0700; a report is an ordinary, shareable directory.
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)  # put the previous report back
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+    check_target(out_dir, force)  # refuse before rendering the figures, not after
+    payload = json.dumps(comparison.to_json(), indent=2, default=_json_default)
+    files = {"report.json": payload, "index.html": render_html(comparison, data)}
+    return replace_dir(out_dir, files, force)

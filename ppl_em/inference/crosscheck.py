@@ -21,10 +21,18 @@ import pandas as pd
 import pymc as pm
 from pymc_extras import marginalize, recover_marginals
 
+from ppl_em.compiled.layout import element_names
+from ppl_em.errors import NotIdentifiedError
 from ppl_em.fit import fit
-from ppl_em.relabel import component_params, match, permute, permute_last_axis, relabel_draws
+from ppl_em.inference.relabel import (
+    component_params,
+    match,
+    permute,
+    permute_last_axis,
+    relabel_draws,
+)
+from ppl_em.inference.stderr import standard_errors
 from ppl_em.result import EMResult
-from ppl_em.stderr import NotIdentifiedError, standard_errors
 
 TABLE_COLUMNS = ("em", "em_se", "find_map", "post_mean", "post_sd", "hdi_3%", "hdi_97%",
                  "em_in_hdi", "z_score", "r_hat", "ess_bulk")  # fmt: skip
@@ -50,7 +58,7 @@ class Comparison:
     timings: dict[str, float]
     diagnostics: dict[str, object]
 
-    def label_posteriors(self) -> tuple[np.ndarray, np.ndarray]:
+    def label_posteriors(self) -> tuple[np.ndarray, np.ndarray | None]:
         """``(EM responsibilities, NUTS posterior p(z_i = k | x))``, both N x K in EM's order."""
         return label_posteriors(self)
 
@@ -102,10 +110,9 @@ def _plain(value):
 
 def marginal_model(model: pm.Model, em: EMResult) -> pm.Model:
     """The model with the label summed out (a ``pm.Mixture`` model is returned as is)."""
-    graph = em.functions.graph
-    if graph.kind == "mixture":
+    if em.kind == "mixture":
         return model
-    return marginalize(model, [graph.label_name])
+    return marginalize(model, [em.label_name])
 
 
 def _find_map(model: pm.Model, names, start: dict | None) -> tuple[dict, float]:
@@ -191,7 +198,7 @@ def _run_nuts(marg, em: EMResult, se: dict, nuts_init: str, notes: list, sample_
 def _nuts_label_lp(idata, marg: pm.Model, em: EMResult) -> np.ndarray:
     """Per-draw log p(z_i = k | x, theta) in the draw's own labelling, (C, D, N, K)."""
     label = em.label_name
-    if em.functions.graph.kind == "label":
+    if em.kind == "label":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = recover_marginals(
@@ -199,19 +206,12 @@ def _nuts_label_lp(idata, marg: pm.Model, em: EMResult) -> np.ndarray:
                 extend_inferencedata=False,
             )  # fmt: skip
         return np.asarray(out[f"lp_{label}"])
-    functions = em.functions
     post = idata.posterior
     c_n, d_n = post.sizes["chain"], post.sizes["draw"]
-    lp = np.empty((c_n, d_n, functions.graph.n_obs, em.n_components))
-    names = functions.layout.rv_names
+    lp = np.empty((c_n, d_n, em.n_obs, em.n_components))
     for c in range(c_n):
         for d in range(d_n):
-            values = [np.asarray(post[n][c, d]) for n in names]
-            u = np.concatenate(
-                [np.ravel(f) for f in functions.unconstrain(em.unconstrained, *values)]
-            )
-            joint = functions.joint(u, *functions.data)
-            lp[c, d] = joint - np.logaddexp.reduce(joint, axis=1, keepdims=True)
+            lp[c, d] = em.log_resp_at({n: np.asarray(post[n][c, d]) for n in em.params})
     return lp
 
 
@@ -229,20 +229,21 @@ def _relabel_idata(idata, em: EMResult, se: dict, lp: np.ndarray):
     return info
 
 
-def label_posteriors(comparison: Comparison) -> tuple[np.ndarray, np.ndarray]:
-    """EM's responsibilities and NUTS' posterior label probabilities (mean over draws)."""
-    lp = comparison.idata.posterior[f"lp_{comparison.em.label_name}"]
-    nuts = np.exp(np.asarray(lp)).mean(axis=(0, 1))
-    return comparison.em.responsibilities, nuts
+def label_posteriors(comparison: Comparison) -> tuple[np.ndarray, np.ndarray | None]:
+    """EM's responsibilities and NUTS' posterior label probabilities (mean over draws;
+    None if the draws do not record ``lp_<label>``)."""
+    lp_name = f"lp_{comparison.em.label_name}"
+    if lp_name not in comparison.idata.posterior:
+        return comparison.em.responsibilities, None
+    lp = np.asarray(comparison.idata.posterior[lp_name], dtype=float)
+    return comparison.em.responsibilities, np.exp(lp).mean(axis=(0, 1))
 
 
 def _element_rows(values: dict[str, np.ndarray]) -> dict[str, float]:
     rows = {}
     for name, v in values.items():
         v = np.asarray(v)
-        for idx in np.ndindex(*v.shape):
-            key = name if not v.shape else f"{name}[{', '.join(map(str, idx))}]"
-            rows[key] = float(v[idx])
+        rows.update(zip(element_names(name, v.shape), map(float, v.ravel()), strict=True))
     return rows
 
 

@@ -15,23 +15,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import pytensor.tensor as pt
-from pymc.pytensorf import compile as pymc_compile
-from pytensor.gradient import grad, jacobian
-from pytensor.graph.replace import graph_replace
 
-from ppl_em.compile import FlatLayout, flat_replacements
-from ppl_em.errors import PplEmError
-from ppl_em.estep import objective_graphs
+from ppl_em.compiled.curvature import compile_curvature
+from ppl_em.compiled.layout import FlatLayout, element_names
+from ppl_em.errors import NotIdentifiedError
 from ppl_em.result import EMResult
+from ppl_em.steps.estep import e_step, q_and_grad, whole_data
 
 # Relative size below which an eigenvalue of the observed information counts as zero:
 # well above float64 round-off of a Hessian built from O(N) terms.
 EIG_RTOL = 1e-9
-
-
-class NotIdentifiedError(PplEmError, ValueError):
-    """The observed information at the estimate is singular or indefinite."""
 
 
 class Curvature(NamedTuple):
@@ -43,26 +36,6 @@ class Curvature(NamedTuple):
     jacobian: np.ndarray
 
 
-def _curvature_function(result: EMResult):
-    """Compile ``u -> (objective, gradient, Hessian, d theta_flat / du)``."""
-    functions = result.functions
-    graph, layout = functions.graph, functions.layout
-    flat = pt.vector("u", dtype="float64")
-    replace = flat_replacements(graph, layout, flat)
-    joint, extra, logprior = graph_replace(list(objective_graphs(graph)), replace, strict=False)
-    objective = pt.sum(pt.logsumexp(joint, axis=1)) + extra
-    if result.mode == "map":
-        objective = objective + logprior
-    gradient = grad(objective, flat)
-    hessian = jacobian(gradient, flat, vectorize=True)
-    constrained = graph_replace(
-        graph.model.replace_rvs_by_values(list(graph.params)), replace, strict=False
-    )
-    theta = pt.concatenate([pt.cast(c, "float64").flatten() for c in constrained])
-    jac = jacobian(theta, flat, vectorize=True)
-    return pymc_compile([flat], [objective, gradient, hessian, jac], on_unused_input="ignore")
-
-
 def _marginal_gradient(result: EMResult, u: np.ndarray) -> np.ndarray:
     """Exact gradient of the marginal objective at ``u`` from EM's compiled Q gradient.
 
@@ -70,9 +43,10 @@ def _marginal_gradient(result: EMResult, u: np.ndarray) -> np.ndarray:
     are the responsibilities at u. EM has compiled both pieces already, so this costs no
     new compilation.
     """
-    functions = result.functions
-    log_resp, _, _ = functions.estep(u, *functions.data)
-    _, gradient = functions.q_and_grad(u, np.exp(log_resp), *functions.data)
+    functions = result.prepared.functions
+    chunk = whole_data(functions)
+    log_resp = e_step(functions, u, chunk, keep_resp=True).log_resp
+    _, gradient = q_and_grad(functions, u, [(np.exp(log_resp.T), chunk)])
     return np.asarray(gradient, dtype=float)
 
 
@@ -88,7 +62,8 @@ def _central_jacobian(fn, u: np.ndarray, rel: float = 1e-5) -> np.ndarray:
 
 
 def _constrained_flat(result: EMResult, u: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.ravel(v) for v in result.functions.constrain(u)]).astype(float)
+    constrain = result.prepared.functions.constrain
+    return np.concatenate([np.ravel(v) for v in constrain(u)]).astype(float)
 
 
 def curvature(result: EMResult, method: str = "gradient") -> Curvature:
@@ -101,7 +76,9 @@ def curvature(result: EMResult, method: str = "gradient") -> Curvature:
     """
     u = np.asarray(result.unconstrained, dtype=float)
     if method == "exact":
-        obj, gradient, hess, jac = _curvature_function(result)(u)
+        functions = result.prepared.functions
+        curvature_fn = compile_curvature(functions)
+        obj, gradient, hess, jac = curvature_fn(u, *functions.data, *functions.fixed_data)
     elif method == "gradient":
         gradient = _marginal_gradient(result, u)
         hess = _central_jacobian(lambda v: _marginal_gradient(result, v), u)
@@ -118,7 +95,7 @@ def _element_names(layout: FlatLayout) -> list[str]:
     names = []
     for value_name, sl in zip(layout.value_names, layout.slices, strict=True):
         size = sl.stop - sl.start
-        names += [value_name if size == 1 else f"{value_name}[{i}]" for i in range(size)]
+        names += element_names(value_name, () if size == 1 else (size,))
     return names
 
 
@@ -148,7 +125,7 @@ def covariance(result: EMResult, method: str = "gradient") -> tuple[list[str], n
     Returns the element names (``"w[0]"``, ``"mu[1, 0]"``, ArviZ's convention) and the
     matrix ``J (-H)^{-1} J^T``.
     """
-    layout = result.functions.layout
+    layout = result.prepared.functions.layout
     curv = curvature(result, method)
     info = -curv.hessian
     if not np.all(np.isfinite(info)):
@@ -162,11 +139,7 @@ def covariance(result: EMResult, method: str = "gradient") -> tuple[list[str], n
     cov = curv.jacobian @ cov_u @ curv.jacobian.T
     names = []
     for name in layout.rv_names:
-        shape = np.shape(result.params[name])
-        names += [
-            name if not shape else f"{name}[{', '.join(map(str, idx))}]"
-            for idx in np.ndindex(*shape)
-        ]
+        names += element_names(name, np.shape(result.params[name]))
     return names, 0.5 * (cov + cov.T)
 
 
@@ -182,7 +155,7 @@ def standard_errors(result: EMResult, method: str = "gradient") -> dict[str, np.
     _, cov = covariance(result, method)
     se_flat = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     out, start = {}, 0
-    for name in result.functions.layout.rv_names:
+    for name in result.prepared.functions.layout.rv_names:
         shape = np.shape(result.params[name])
         size = int(np.prod(shape))
         out[name] = se_flat[start : start + size].reshape(shape)

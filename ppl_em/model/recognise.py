@@ -11,6 +11,7 @@ handles those variables. The plan records why each variable was left to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -24,8 +25,9 @@ from pytensor.tensor import random as ptr
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1, Subtensor
 
-from ppl_em.graph import MixtureGraph, direct_users
-from ppl_em.mvnormal import MvnSpec, mvn_specs
+from ppl_em.model.data import DataSpec
+from ppl_em.model.graph import MixtureGraph, direct_users
+from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
 
 FAMILIES = {
     ptr.basic.BinomialRV: ("binomial", ("n", "p")),
@@ -46,7 +48,21 @@ class Slot(NamedTuple):
     inverse: bool
 
 
+@dataclass(frozen=True)
+class DataRef:
+    """A family parameter known per observation: the data input ``name``, or (for data
+    that cannot be cut into chunks) the whole ``array``. Not a tuple, so never taken for
+    a slot."""
+
+    name: str | None
+    array: np.ndarray | None = None
+
+
 class Block(NamedTuple):
+    """One closed-form family: its slots (free per-component parameters), its known
+    parameters (``consts``: a (K,) array per component, or a :class:`DataRef`), and the
+    priors of its slots."""
+
     family: str
     data_name: str | None
     slots: dict[str, Slot]
@@ -78,15 +94,22 @@ def _is_reciprocal(var: TensorVariable) -> bool:
     return isinstance(op, Elemwise) and isinstance(op.scalar_op, ps.Reciprocal)
 
 
-def _param_slot(expr, graph: MixtureGraph, k: int | None):
-    """Return a Slot-like ``(refs, inverse)``, a constant array, or None if unrecognised.
+def _param_slot(expr, graph: MixtureGraph, k: int | None, data: DataSpec | None = None):
+    """Return a Slot-like ``(refs, inverse)``, a constant array, a :class:`DataRef`, or
+    None if unrecognised.
 
     ``k`` is None when components are batched along the last axis or indexed by the
     label; otherwise it is the component number of a list component.
     """
     params = set(graph.params)
     expr = _strip(expr)
-    if not (set(ancestors([expr])) & (params | {graph.label_rv} - {None})):
+    leaves = dict(zip(data.leaves, data.names, strict=True)) if data else {}
+    if expr in leaves:
+        return DataRef(leaves[expr])
+    above = set(ancestors([expr]))
+    if above & set(leaves):
+        return None  # an expression of per-observation data
+    if not (above & (params | {graph.label_rv} - {None})):
         return np.asarray(constant_fold([expr])[0])
     inverse = _is_reciprocal(expr)
     if inverse:
@@ -192,7 +215,27 @@ def _prior_ok(block: Block, name: str, slot: Slot, mode: str) -> str | None:
     )
 
 
-def _family_block(graph: MixtureGraph, dists: list, data_name: str) -> Block | str:
+def _per_observation(value: np.ndarray, graph: MixtureGraph) -> bool:
+    """A constant with the observation axis (label models put components on the label's
+    index, Mixtures on the last axis)."""
+    n = graph.n_obs
+    if value.ndim == 0 or value.shape[0] != n or n == 1:
+        return False
+    return graph.kind == "label" or value.ndim >= 2
+
+
+def _normalise(value, graph: MixtureGraph):
+    """A known parameter as a (K,) array per component, or a :class:`DataRef`."""
+    if isinstance(value, DataRef) or _per_observation(value, graph):
+        return value if isinstance(value, DataRef) else DataRef(None, value)
+    k = graph.n_components
+    flat = np.asarray(value, dtype=float)
+    return np.broadcast_to(flat.reshape(-1) if flat.size == k else flat.reshape(()), (k,))
+
+
+def _family_block(
+    graph: MixtureGraph, dists: list, data_name: str, data: DataSpec | None = None
+) -> Block | str:
     """Build the block of one observed family; ``dists`` are the K list components or one."""
     op = dists[0].owner.op
     family, names = FAMILIES.get(type(op), (None, None))
@@ -201,7 +244,7 @@ def _family_block(graph: MixtureGraph, dists: list, data_name: str) -> Block | s
     slots, consts, batched = {}, {}, len(dists) == 1
     for pos, name in enumerate(names):
         found = [
-            _param_slot(d.owner.op.dist_params(d.owner)[pos], graph, None if batched else k)
+            _param_slot(d.owner.op.dist_params(d.owner)[pos], graph, None if batched else k, data)
             for k, d in enumerate(dists)
         ]
         is_slot = [isinstance(f, tuple) for f in found]
@@ -214,11 +257,16 @@ def _family_block(graph: MixtureGraph, dists: list, data_name: str) -> Block | s
             if len({f[1] for f in found}) != 1:
                 return f"its parameter {name!r} mixes theta and 1/theta across components"
             slots[name] = Slot(refs=refs, inverse=found[0][1])
+        elif any(isinstance(f, DataRef) for f in found):
+            if not batched:
+                return f"its parameter {name!r} is per-observation data in list components"
+            consts[name] = found[0]
         else:
-            consts[name] = found[0] if batched else np.stack(found, axis=-1)
-    per_obs = [n for n, c in consts.items() if graph.kind == "label" and c.ndim and c.shape[0] > 1]
-    if family == "normal" and per_obs:
-        return f"its constant {per_obs[0]!r} varies by observation (not by component)"
+            consts[name] = _normalise(found[0] if batched else np.stack(found, axis=-1), graph)
+    per_obs = [n for n, c in consts.items() if isinstance(c, DataRef)]
+    if family != "binomial" and per_obs:
+        # The weighted-mean updates assume every observation of a component shares it.
+        return f"its known parameter {per_obs[0]!r} varies by observation (not by component)"
     priors = {n: prior_of(s.refs[0][0], "map") for n, s in slots.items()}
     return Block(family, data_name, slots, consts, priors)
 
@@ -257,20 +305,26 @@ def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> s
     return None
 
 
-def build_plan(graph: MixtureGraph, mode: str) -> ClosedFormPlan:
-    """Find every closed-form block and, for the rest, the reason it is numeric."""
+def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> ClosedFormPlan:
+    """Find every closed-form block and, for the rest, the reason it is numeric;
+    ``data`` (:func:`ppl_em.model.data.data_spec`) tells per-observation inputs apart."""
     candidates = []
     if graph.kind == "label":
         owners = {graph.label_rv, *graph.dependents}
-        candidates += [(_family_block(graph, [d], d.name), {d}) for d in graph.dependents]
+        candidates += [(_family_block(graph, [d], d.name, data), {d}) for d in graph.dependents]
         candidates.append((_weights_block(graph), {graph.label_rv}))
     else:
         mix = graph.dependents[0]
-        candidates.append((_family_block(graph, mix.owner.inputs[2:], mix.name), {mix}))
+        comps = mix.owner.inputs[2:]
+        candidates.append((_family_block(graph, comps, mix.name, data), {mix}))
         candidates.append((_weights_block(graph), {mix}))
     reasons, blocks = {}, []
     for block, owners in candidates:
-        if isinstance(block, Block):
+        if isinstance(block, str):
+            # No block at all: the reason belongs to the free variables its owners read.
+            used = set(ancestors([i for o in owners for i in o.owner.inputs]))
+            reasons.update({p.name: block for p in graph.params if p in used})
+        elif isinstance(block, Block):
             reason = _check_block(graph, block, owners, mode)
             if reason is None:
                 blocks.append(block)
@@ -285,6 +339,7 @@ def build_plan(graph: MixtureGraph, mode: str) -> ClosedFormPlan:
     for rv in graph.params:
         if rv.name not in closed and rv.name not in reasons:
             reasons[rv.name] = "no closed-form family in ppl_em covers it"
+    reasons = {name: why for name, why in reasons.items() if name not in closed}
     return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs))
 
 

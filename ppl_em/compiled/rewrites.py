@@ -6,8 +6,6 @@ at a fraction of a matrix product's speed, so the joint instead inverts the D x 
 once and multiplies: ``(L^-1 I) (x - mu)^T``. That is scikit-learn's arithmetic for the
 same quantity (``X @ precisions_cholesky``): the whitened values differ from the
 solve's by rounding only, both being backward stable for a triangular factor.
-Measured at N=10^6, D=4, K=3 (``benchmarks.bench_sklearn.full_cov_rows``, two runs
-each, the rewrite on and off): 92-96 -> 58 ms per EM iteration.
 
 PyMC guards each logp with its parameter checks (``sigma > 0``), compiled as
 ``switch(cond, logp, -inf)`` on every element, and divides every element by a scale.
@@ -16,10 +14,7 @@ values (per-component parameters, not data), the rows are compiled without it an
 condition becomes a flag per row, applied after the call (a failed check makes its
 rows ``-inf``, as the switch does); a division by a single value becomes a product
 with its reciprocal (within 2 ulp). Only for the C backend: NumPy-backed Ops ran the
-unchecked rows 16x slower (N=10^5, K=2: 61 against 3.8 ms). Measured at N=10^6, K=3
-(1-D, ``pm.NormalMixture``, median of 41 per evaluation of the joint graph): 12-14 ms
-as PyMC writes it, 9-11 ms without the checks and divisions, 8-9 ms with the output
-buffers reused alone (``compile.JointTerms``), 3-4 ms with both.
+unchecked rows slower. ``benchmarks/README.md`` has the measurements of both rewrites.
 """
 
 from __future__ import annotations
@@ -48,8 +43,10 @@ def _inverse(a: TensorVariable, op: SolveTriangular) -> TensorVariable:
 
 
 def _many_rows(b: TensorVariable) -> bool:
+    """At least ``MANY_RHS`` rows, or rows of unknown number: the E-step's inputs are
+    chunks of data of any length, and chunks are long."""
     rows = b.type.shape[:-1]
-    return all(r is not None for r in rows) and int(np.prod(rows)) >= MANY_RHS
+    return any(r is None for r in rows) or int(np.prod(rows)) >= MANY_RHS
 
 
 def _as_product(node) -> TensorVariable | None:
@@ -64,7 +61,8 @@ def _as_product(node) -> TensorVariable | None:
     out = node.outputs[0]
     if isinstance(node.op, SolveTriangular):
         a, b = node.inputs
-        if node.op.b_ndim != 2 or b.type.shape[1] is None or b.type.shape[1] < MANY_RHS:
+        columns = b.type.shape[1]
+        if node.op.b_ndim != 2 or (columns is not None and columns < MANY_RHS):
             return None
         return pt.dot(_inverse(a, node.op), b).astype(out.dtype)
     core = getattr(node.op, "core_op", None)

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ppl_em.compile import EMFunctions
-from ppl_em.errors import StartError
-from ppl_em.mstep import MStepConfig, mstep
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.errors import DataError, StartError
+from ppl_em.steps.estep import joint
+from ppl_em.steps.mstep import MStepConfig, m_step_from_resp
 
 # Soft partition: the assigned component gets 1 - EPS of each observation, so no
 # component starts with zero weight.
@@ -22,17 +23,8 @@ EPS = 0.1
 
 
 def data_features(functions: EMFunctions) -> np.ndarray:
-    """The observed values each label explains, one row per observation, standardised."""
-    graph = functions.graph
-    data = dict(zip(functions.data_names, functions.data, strict=True))
-    cols = [
-        np.asarray(data[rv.name], dtype=float).reshape(graph.n_obs, -1)
-        for rv in graph.dependents
-        if rv.name in data
-    ]
-    if not cols:
-        return np.arange(graph.n_obs, dtype=float)[:, None]
-    x = np.concatenate(cols, axis=1)
+    """The observed values the label explains, one row per observation, standardised."""
+    x = functions.observed_columns()
     # Scale by the largest deviation before taking moments: x.std() overflows for data
     # near 1e300 (and would turn every feature into 0, so the partition ignored the data).
     centred = x - np.median(x, axis=0)
@@ -81,7 +73,7 @@ def default_start(
     """One M-step from a partition of the data (deterministic when ``rng`` is None)."""
     k = functions.graph.n_components
     gamma = soft_responsibilities(partition(data_features(functions), k, rng), k)
-    return mstep(functions, config, initial_u(functions), gamma)
+    return m_step_from_resp(functions, config, initial_u(functions), gamma)
 
 
 def _start_value(functions: EMFunctions, name: str, value, current: dict) -> np.ndarray:
@@ -144,3 +136,37 @@ def apply_start(functions: EMFunctions, start: Mapping, u: np.ndarray) -> np.nda
                 "to 1, scales > 0)."
             )
     return out
+
+
+def _family_names(functions: EMFunctions) -> str:
+    graph, ops = functions.graph, []
+    for rv in graph.dependents:
+        comps = rv.owner.inputs[2:] if graph.kind == "mixture" else [rv]
+        ops += [type(c.owner.op).__name__.removesuffix("RV") for c in comps]
+    return "/".join(dict.fromkeys(ops))
+
+
+def check_support(functions: EMFunctions, u: np.ndarray) -> None:
+    """Raise if some observation has log-likelihood -inf (or NaN) under every component.
+
+    Evaluated at the starting point ``u`` (by default one M-step from a partition of the
+    data, so the parameters are fitted to it): an impossible row there means the value
+    is outside the components' support (a negative count, heads above n, a negative
+    waiting time, ...) or, with a user ``start``, that the start is far from the data.
+    """
+    with np.errstate(all="ignore"):
+        rows = joint(functions, u)
+    bad = np.flatnonzero(~np.any(np.isfinite(rows) & (rows > -np.inf), axis=1))
+    if not bad.size:
+        return
+    i = int(bad[0])
+    row = functions.observed_columns()[i].tolist()
+    value = row[0] if len(row) == 1 else row
+    names = ", ".join(repr(name) for name in functions.spec.observed)
+    raise DataError(
+        f"observation {i} of {names} has value {value!r}, which no component "
+        f"({_family_names(functions)}) can produce at the starting parameters: its "
+        f"log-likelihood is -inf for every component ({bad.size} such observations, "
+        f"indices {bad[:10].tolist()}). Remove or correct values outside the support, "
+        "choose a family whose support contains them, or give a start closer to the data."
+    )

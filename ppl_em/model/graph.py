@@ -151,6 +151,7 @@ def _analyse_label(model: pm.Model, label: TensorVariable) -> MixtureGraph:
             f"label {label.name!r} has shape {shape}; it must be one label per observation, "
             "a vector of shape (N,)."
         )
+    _check_potentials(model, label)
     others = [rv for rv in model.free_RVs if rv is not label and _is_discrete(rv)]
     if others:
         raise ModelStructureError(
@@ -240,6 +241,19 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
             "observations; use fewer components (n_components <= N)."
         )
     return graph
+
+
+def _check_potentials(model: pm.Model, label: TensorVariable) -> None:
+    """A potential that reads the label is not a sum over observations of per-component
+    terms, so EM cannot take its expectation; say so before PyTensor fails on it."""
+    for potential in model.potentials:
+        if label in ancestors([potential]):
+            raise ModelStructureError(
+                f"pm.Potential {potential.name!r} uses the label {label.name!r}; EM sums the "
+                "label out observation by observation and cannot take a potential's "
+                "expectation over it. Move that term into an observed variable's likelihood "
+                "or drop it."
+            )
 
 
 def direct_users(graph: MixtureGraph, rv: TensorVariable) -> set:

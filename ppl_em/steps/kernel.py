@@ -1,20 +1,19 @@
 """The fused E-step pass compiled with numba, for the compiled backends.
 
-Same contract as :func:`ppl_em.estep.fused_estep` (the NumPy pass, which stays the
+Same contract as :func:`ppl_em.steps.passes.fused_estep` (the NumPy pass, which stays the
 reference and the pass of ``backend="python"``): from the joint's K rows, the
 log-responsibilities (optional), the log-likelihood and the responsibility-weighted
 sums of the statistics columns. NumPy needs about 18 calls per chunk for this, each a
 trip through cache; here every row of a block of ``BLOCK`` observations is read once
 and the work stays in registers and L1.
 
-NumPy's float64 ``exp`` took 0.6 ns per value on an AVX-512 machine and 5.6 ns on an
-AVX2 one (measured); numba's ``exp`` and ``log`` are calls to the scalar libm (no SVML
-is installed), which made an earlier numba version of this pass 2-4x slower than NumPy
-on the AVX-512 machine. The two functions below are written so that LLVM vectorises
-them (measured on AVX2 and AVX-512): ``exp`` of a non-positive
-argument by Cody-Waite reduction and a degree-13 Taylor polynomial, ``log`` of the row
-sums (which lie in [1, K]) by splitting off the binary exponent and an atanh series.
-They are within 2 and 3 ulp of NumPy's (``tests/test_kernel.py``).
+numba's ``exp`` and ``log`` are calls to the scalar libm (no SVML is installed), which
+do not vectorise; the two functions below are written so that LLVM vectorises them:
+``exp`` of a non-positive argument by Cody-Waite reduction and a degree-13 Taylor
+polynomial, ``log`` of the row sums (which lie in [1, K]) by splitting off the binary
+exponent and an atanh series. They are within 2 and 3 ulp of NumPy's
+(``tests/test_kernel.py``); ``benchmarks/README.md`` has the timings behind this
+module's choices and constants.
 
 The kernel releases the GIL, so for large N two threads each take one contiguous half
 (a fixed split: the result does not depend on thread timing).
@@ -22,13 +21,10 @@ The kernel releases the GIL, so for large N two threads each take one contiguous
 
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 from numba import njit
 
-from ppl_em.estep import EStepStats
+from ppl_em.steps.cores import run_split, usable_cores
 
 # reassoc lets LLVM vectorise the sums; no nnan/ninf: -inf is a legitimate joint value
 # and NaN marks a row no component explains, which the caller reports.
@@ -40,15 +36,12 @@ _JIT = {
 }
 # The elementary functions without reassoc: it would fold Cody-Waite's two-part ln 2
 # back into one constant (d - t*LN2_HI - t*LN2_LO -> d - t*ln2), an error growing with
-# |t| (measured: 185 ulp at exp(-662)). Their loops have no reductions and vectorise
+# |t| (185 ulp at exp(-662) in tests/test_kernel.py). Their loops have no reductions and vectorise
 # without it; LLVM keeps each instruction's flags when it inlines them into _block.
 _ELEMENTARY = {**_JIT, "fastmath": {"contract", "nsz"}}
-# Observations per block: K + 4 rows of scratch stay in L1/L2. Measured at N=10^6, K=3,
-# two columns, one thread: 512 -> 6.6 ms, 1024 -> 6.4 ms, 4096 -> 6.6 ms.
+# Observations per block: K + 4 rows of scratch stay in L1/L2.
 BLOCK = 1024
-# Two threads from this many observations. Measured at K=3, two columns, 2 cores (median
-# of 31, one thread vs two): 3x10^4: 0.13 vs 0.18 ms, 10^5: 0.39 vs 0.30, 3x10^5: 2.3 vs
-# 1.0, 10^6: 6.2 vs 3.4, 3x10^6: 17 vs 8.7.
+# Two threads from this many observations (below it one thread was faster).
 PARALLEL_MIN = 100_000
 # Without log-responsibilities, a block's log-likelihood takes this many logs (of
 # products of its row sums) instead of one per observation.
@@ -230,14 +223,6 @@ def _run(rows, out, cols, start, stop, nk, s):
     return loglik
 
 
-def _workers(n: int) -> int:
-    """Two threads from ``PARALLEL_MIN`` observations, if the process has two cores."""
-    if n < PARALLEL_MIN:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 2 if (cores or 1) >= 2 else 1
-
-
 def _as_rows(joint, keep: bool) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """The K rows as a tuple of contiguous float64 vectors (one numba type per K), and
     the K x N array the log-responsibilities go to: the joint itself when it is one
@@ -256,9 +241,9 @@ def _as_rows(joint, keep: bool) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
 
 
 def compiled_fused_estep(
-    joint, columns: np.ndarray | None = None, keep: bool = True
-) -> tuple[np.ndarray | None, float, EStepStats]:
-    """:func:`ppl_em.estep.fused_estep` by the numba kernel.
+    joint, columns: np.ndarray | None = None, keep: bool = True, *, workers: int | None = None
+) -> tuple[np.ndarray | None, float, np.ndarray, np.ndarray]:
+    """:func:`ppl_em.steps.passes.fused_estep` by the numba kernel.
 
     ``joint`` is the K x N joint (overwritten with the log-responsibilities, as the NumPy
     pass does) or a sequence of its K rows (read only; the log-responsibilities go to a
@@ -272,25 +257,11 @@ def compiled_fused_estep(
     columns = np.zeros((0, n)) if columns is None else columns
     columns = np.require(columns, dtype=np.float64, requirements="C").reshape(-1, n)
     # Block-aligned halves, one partial result each, summed in a fixed order.
-    cut = (n // 2 // BLOCK) * BLOCK if _workers(n) == 2 else n
+    if workers is None:
+        workers = 2 if n >= PARALLEL_MIN and usable_cores() >= 2 else 1
+    cut = (n // 2 // BLOCK) * BLOCK if workers >= 2 else n
     spans = [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
     parts = [(np.zeros(k_total), np.zeros((columns.shape[0], k_total))) for _ in spans]
-    logliks: list = [0.0] * len(spans)
-
-    def work(j: int) -> None:
-        try:
-            logliks[j] = _run(rows, out, columns, *spans[j], *parts[j])
-        except BaseException as exc:  # re-raised in the caller's thread below
-            logliks[j] = exc
-
-    threads = [threading.Thread(target=work, args=(j,)) for j in range(1, len(spans))]
-    for t in threads:
-        t.start()
-    work(0)
-    for t in threads:
-        t.join()
-    for value in logliks:
-        if isinstance(value, BaseException):
-            raise value
-    stats = EStepStats(sum(p[0] for p in parts), sum(p[1] for p in parts))
-    return (out.T if keep else None), float(sum(logliks)), stats
+    logliks = run_split(lambda j: _run(rows, out, columns, *spans[j], *parts[j]), len(spans))
+    nk, s = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return (out.T if keep else None), float(sum(logliks)), nk, s

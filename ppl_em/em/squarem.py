@@ -21,12 +21,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ppl_em.compile import EMFunctions
-from ppl_em.em import EMState, em_init, em_step
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.em.step import EMData, EMState, em_init, em_step
 from ppl_em.errors import DataError
-from ppl_em.mstep import MStepConfig
-
-ACCELERATORS = (None, "squarem")
+from ppl_em.options import ACCELERATORS
+from ppl_em.steps.mstep import MStepConfig
 
 
 class SquaremCycle(NamedTuple):
@@ -55,34 +54,42 @@ def extrapolate(u0: np.ndarray, u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndar
 
 
 def squarem_step(
-    functions: EMFunctions, config: MStepConfig, state: EMState, keep_resp: bool = True
+    functions: EMFunctions,
+    config: MStepConfig,
+    state: EMState,
+    data: EMData | None = None,
+    keep_resp: bool = True,
 ) -> SquaremCycle:
     """One SQUAREM cycle from ``state``: 2 EM steps, then extrapolation + 1 EM step, or
     the plain second EM step when extrapolation would lower the objective
-    (``keep_resp`` as in :func:`ppl_em.em.em_init`)."""
-    s1 = em_step(functions, config, state, keep_resp)
-    s2 = em_step(functions, config, s1, keep_resp)
+    (``data`` and ``keep_resp`` as in :func:`ppl_em.em.step.em_step`)."""
+    s1 = em_step(functions, config, state, data, keep_resp)
+    s2 = em_step(functions, config, s1, data, keep_resp)
     u_x, alpha = extrapolate(state.u, s1.u, s2.u)
     if alpha == -1.0 or not np.all(np.isfinite(u_x)):
         return SquaremCycle(s2, 2, False, alpha)
     try:
-        s_x = em_init(functions, u_x, config, keep_resp)
+        s_x = em_init(functions, u_x, config, data, keep_resp)
     except DataError:
         # An extrapolated point can leave the data's support (e.g. a rate -> inf).
         return SquaremCycle(s2, 3, False, alpha)
     if not s_x.objective >= s2.objective:
         return SquaremCycle(s2, 3, False, alpha)
-    s_new = em_step(functions, config, s_x, keep_resp)
+    s_new = em_step(functions, config, s_x, data, keep_resp)
     # EM never decreases the objective; the max guards against round-off in the M-step.
     best = s_new if s_new.objective >= s_x.objective else s_x
     return SquaremCycle(best, 4, True, alpha)
 
 
 def plain_step(
-    functions: EMFunctions, config: MStepConfig, state: EMState, keep_resp: bool = True
+    functions: EMFunctions,
+    config: MStepConfig,
+    state: EMState,
+    data: EMData | None = None,
+    keep_resp: bool = True,
 ) -> SquaremCycle:
     """One plain EM iteration in the same return type as :func:`squarem_step`."""
-    return SquaremCycle(em_step(functions, config, state, keep_resp), 1, False, -1.0)
+    return SquaremCycle(em_step(functions, config, state, data, keep_resp), 1, False, -1.0)
 
 
 def stepper(accelerate: str | None):

@@ -1,0 +1,37 @@
+"""Compile the exact curvature of the marginal objective (for standard errors)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytensor.tensor as pt
+from pymc.pytensorf import compile as pymc_compile
+from pytensor.gradient import grad, jacobian
+from pytensor.graph.replace import graph_replace
+
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.compiled.layout import flat_replacements
+from ppl_em.model.joint import fixed_terms, joint_rows
+
+
+def compile_curvature(functions: EMFunctions) -> Callable:
+    """``u -> (objective, gradient, Hessian, d theta_flat / du)`` over all the data
+    (``(u, *data, *fixed_data)`` in), with the PyTensor Hessian graph: slow to compile
+    for label models (tens of seconds)."""
+    graph, layout, spec = functions.graph, functions.layout, functions.spec
+    flat = pt.vector("u", dtype="float64")
+    replace = flat_replacements(graph, layout, flat)
+    rows = graph_replace(joint_rows(graph, spec), replace, strict=False)
+    extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
+    objective = pt.sum(pt.logsumexp(pt.stack(rows, axis=1), axis=1)) + extra
+    if functions.mode == "map":
+        objective = objective + logprior
+    gradient = grad(objective, flat)
+    hessian = jacobian(gradient, flat, vectorize=True)
+    constrained = graph_replace(
+        graph.model.replace_rvs_by_values(list(graph.params)), replace, strict=False
+    )
+    theta = pt.concatenate([pt.cast(c, "float64").flatten() for c in constrained])
+    jac = jacobian(theta, flat, vectorize=True)
+    inputs = [flat, *spec.inputs, *spec.fixed_inputs]
+    return pymc_compile(inputs, [objective, gradient, hessian, jac], on_unused_input="ignore")

@@ -1,0 +1,240 @@
+"""Compile, once per model, the functions EM evaluates: the only caller of PyTensor's
+compiler besides :mod:`ppl_em.compiled.curvature` and :mod:`ppl_em.compiled.mvn_map`.
+
+The flat unconstrained vector ``u`` (:mod:`ppl_em.compiled.layout`) and the data are
+inputs, the per-observation data with a first axis of any length (a chunk). The E-step
+graph returns the joint's K rows as separate outputs; log-responsibilities, the
+log-likelihood and the statistics come from one pass over them (``ppl_em.steps``).
+Functions not every fit needs (Q and its gradient) are compiled on first use, which
+keeps a cold start of a closed-form model to a few small compilations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import pytensor.tensor as pt
+from pymc.pytensorf import compile as pymc_compile
+from pytensor import Out
+from pytensor.compile.mode import Mode, get_mode
+from pytensor.graph.replace import graph_replace
+from pytensor.link.vm import VMLinker
+from pytensor.tensor import TensorVariable
+from threadpoolctl import ThreadpoolController
+
+from ppl_em.compiled.layout import FlatLayout, flat_layout, flat_replacements, transform_graphs
+from ppl_em.compiled.rewrites import checks_as_flags, solves_as_products
+from ppl_em.model.data import DataSpec, data_arrays, data_spec
+from ppl_em.model.graph import MixtureGraph
+from ppl_em.model.joint import fixed_terms, joint_rows
+from ppl_em.options import BACKENDS, MODES
+
+
+class EMFunctions(NamedTuple):
+    """Compiled building blocks of one model's EM, and the data they were built for.
+
+    - ``rows(u, *chunk) -> [L[:, 0], ..., L[:, K-1]]`` with ``L[i, k] = log p(x_i, z_i=k)``
+      over a chunk of the per-observation data (``spec.names`` order); with the C
+      backend the rows are the function's own buffers, overwritten by the next call.
+    - ``fixed(u, *fixed_data) -> (extra_loglik, logprior)``: the observed variables
+      that do not depend on the label, and the log prior without Jacobian terms.
+    - ``q_and_grad(u, gamma_t, fixed_weight, *chunk, *fixed_data) -> (Q, dQ/du)`` for
+      ``mode``, with ``gamma_t`` the K x n responsibilities of the chunk; the fixed
+      terms enter with weight ``fixed_weight`` (1 for one chunk of a sum, 0 for the rest).
+    - ``constrain(u) -> [values]`` in ``layout.rv_names`` order;
+      ``unconstrain(u, *values) -> [unconstrained]`` (``u`` supplies the values that
+      other transforms depend on).
+    - ``compiled_rows``: whether ``rows`` is compiled code, not NumPy-backed Ops (which
+      decides the pass over the rows, :func:`ppl_em.steps.estep.e_step`).
+    - ``blas``: the process's BLAS thread pools, which the E-step limits to one thread.
+    """
+
+    graph: MixtureGraph
+    mode: str
+    layout: FlatLayout
+    spec: DataSpec
+    data: tuple[np.ndarray, ...]
+    fixed_data: tuple[np.ndarray, ...]
+    rows: Callable
+    fixed: Callable
+    q_and_grad: Callable
+    constrain: Callable
+    unconstrain: Callable
+    compiled_rows: bool
+    blas: ThreadpoolController
+
+    @property
+    def data_names(self) -> tuple[str, ...]:
+        return self.spec.names
+
+    def observed(self) -> dict[str, np.ndarray]:
+        """The dependents' observed arrays (of the data these functions hold), by name."""
+        data = dict(zip(self.spec.names, self.data, strict=True))
+        return {name: data[name] for name in self.spec.observed}
+
+    def observed_columns(self) -> np.ndarray:
+        """The observed values the label explains, as an (N, d) float array."""
+        n = self.data[0].shape[0]
+        cols = [np.asarray(x, dtype=float).reshape(n, -1) for x in self.observed().values()]
+        return np.concatenate(cols, axis=1)
+
+
+# Below this many cells (N x K) the E-step is fast in any backend, and compiling C code
+# (tens of seconds on a cold cache) would dominate the fit: use NumPy-backed Ops.
+SMALL_CELLS = 200_000
+
+
+def backend_mode(backend: str) -> Mode:
+    """PyTensor mode of a backend: ``"c"`` PyTensor's C code (slow first compile, cached),
+    ``"numba"`` numba JIT, ``"python"`` each Op's NumPy implementation with the full
+    graph rewrites except fusion (a fused Composite would run as a Python scalar loop)."""
+    if backend == "c":
+        return get_mode("FAST_RUN")
+    if backend == "numba":
+        return get_mode("NUMBA")
+    if backend == "python":
+        return Mode(VMLinker(use_cloop=False, c_thunks=False), "fast_run").excluding("fusion")
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+
+
+class LazyFunction:
+    """A PyTensor function compiled on its first call (many fits never need it); its
+    first ``borrow`` outputs are the function's own buffers, overwritten by the next
+    call."""
+
+    def __init__(
+        self, inputs: list, outputs: list | TensorVariable, mode: Mode, borrow: int = 0
+    ) -> None:
+        self._graph = (inputs, outputs, mode)
+        self._borrow = borrow
+        self._fn: Callable | None = None
+
+    @property
+    def compiled(self) -> Callable:
+        """The compiled PyTensor function (compiling it now if not yet)."""
+        if self._fn is None:
+            inputs, outputs, mode = self._graph
+            if self._borrow:
+                outputs = [Out(o, borrow=i < self._borrow) for i, o in enumerate(outputs)]
+            self._fn = pymc_compile(inputs, outputs, mode=mode, on_unused_input="ignore")
+        return self._fn
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+
+def _has_c_loops(mode: Mode) -> bool:
+    return isinstance(mode.linker, VMLinker) and mode.linker.c_thunks
+
+
+class RowsFunction(LazyFunction):
+    """``rows``. With C thunks the rows are compiled without their single-value
+    parameter checks (:func:`ppl_em.compiled.rewrites.checks_as_flags`: a row whose
+    check fails is returned as ``-inf``, as PyMC's check makes it) and are the compiled
+    function's buffers, reused by the next call; a caller reads them before calling
+    again. ``benchmarks/README.md`` has the measurements behind both choices."""
+
+    def __init__(self, inputs: list, rows: list, mode: Mode) -> None:
+        c_loops = _has_c_loops(mode)
+        flags = [pt.constant(True)] * len(rows)
+        if c_loops:
+            rows, flags = checks_as_flags(rows)
+            mode = mode.clone(link_kwargs={"allow_gc": False})
+        super().__init__(inputs, [*rows, *flags], mode, borrow=len(rows) * c_loops)
+        self._k = len(rows)
+
+    def __call__(self, *args):
+        out = super().__call__(*args)
+        k = self._k
+        return [
+            r if ok else np.full_like(r, -np.inf)
+            for r, ok in zip(out[:k], out[k : 2 * k], strict=True)
+        ]
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A read-only copy: nothing derived from the data once per dataset can go stale."""
+    out = np.array(array, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _q_graph(rows, extra, logprior, mode: str, flat, k: int):
+    """Q over a chunk: ``sum_ik gamma_ik L_ik`` plus the weighted fixed terms."""
+    gamma_t = pt.matrix("gamma_t", dtype="float64")
+    weight = pt.scalar("fixed_weight", dtype="float64")
+    # 0 * -inf is NaN: a component with zero responsibility contributes nothing.
+    expected = pt.sum(
+        [pt.sum(pt.switch(pt.gt(gamma_t[j], 0), gamma_t[j] * rows[j], 0.0)) for j in range(k)]
+    )
+    fixed = extra + logprior if mode == "map" else extra
+    q = expected + weight * fixed
+    return [gamma_t, weight], [q, pt.grad(q, flat)]
+
+
+def _backends(backend: str, graph: MixtureGraph, numeric: bool) -> tuple[str, str, str]:
+    """(rows, Q, small graphs) backends. ``"auto"``: NumPy-backed rows for at most
+    ``SMALL_CELLS`` cells without a numeric M-step (C compilation would dominate a
+    small fit; with a numeric M-step Q is C anyway, and C rows run many E-steps faster),
+    C for Q and its gradient (NumPy-backed Blockwise gradients of multivariate logps
+    are far slower: benchmarks/README.md), NumPy-backed transforms and fixed terms."""
+    if backend != "auto":
+        backend_mode(backend)  # refuses an unknown name
+        return backend, backend, backend
+    small = graph.n_obs * graph.n_components <= SMALL_CELLS and not numeric
+    return ("python" if small else "c"), "c", "python"
+
+
+def build_em_functions(
+    graph: MixtureGraph,
+    mode: str = "map",
+    backend: str = "auto",
+    numeric: bool = False,
+    broadcast_label: bool = True,
+) -> EMFunctions:
+    """Compile everything one EM fit of ``graph`` needs (the slow, once-per-model part).
+
+    ``backend`` is one of ``BACKENDS`` (see :func:`backend_mode` and :func:`_modes`);
+    ``numeric`` says a numeric M-step will run; ``broadcast_label=False`` builds the
+    label's rows over chunk-long label values (:func:`ppl_em.model.joint.label_rows`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}: 'map' adds the log prior.")
+    rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric)
+    rows_mode, q_mode, tiny = map(backend_mode, (rows_backend, q_backend, tiny_backend))
+    spec = data_spec(graph)
+    layout = flat_layout(graph)
+    flat = pt.vector("u", dtype="float64")
+    replace = flat_replacements(graph, layout, flat)
+    rows = graph_replace(joint_rows(graph, spec, broadcast_label), replace, strict=False)
+    extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
+    chunk, fixed_in = list(spec.inputs), list(spec.fixed_inputs)
+    q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
+    constrained, param_inputs, forward = transform_graphs(graph, replace)
+    data, fixed_data = data_arrays(spec)
+    return EMFunctions(
+        graph=graph,
+        mode=mode,
+        layout=layout,
+        spec=spec,
+        data=tuple(map(_frozen, data)),
+        fixed_data=tuple(map(_frozen, fixed_data)),
+        rows=RowsFunction([flat, *chunk], solves_as_products(rows), rows_mode),
+        fixed=LazyFunction([flat, *fixed_in], [extra, logprior], tiny),
+        q_and_grad=LazyFunction([flat, *q_inputs, *chunk, *fixed_in], q_outputs, q_mode),
+        constrain=LazyFunction([flat], constrained, tiny),
+        unconstrain=LazyFunction([flat, *param_inputs], forward, tiny),
+        compiled_rows=rows_backend != "python",
+        # Created here, after NumPy's and SciPy's BLAS libraries are loaded.
+        blas=ThreadpoolController(),
+    )
+
+
+def with_arrays(functions: EMFunctions, data=None, fixed_data=None) -> EMFunctions:
+    """``functions`` holding other arrays of the same dtypes (read-only copies)."""
+    return functions._replace(
+        data=functions.data if data is None else tuple(map(_frozen, data)),
+        fixed_data=functions.fixed_data if fixed_data is None else tuple(map(_frozen, fixed_data)),
+    )

@@ -1,0 +1,18 @@
+"""Layer 4: EM itself: state, ``em_init``/``em_step``, the loop, SQUAREM, starts."""
+
+from ppl_em.em.loop import EMRun, run_em
+from ppl_em.em.starts import apply_start, default_start
+from ppl_em.em.step import EMData, EMState, em_data, em_init, em_step, with_log_resp
+
+__all__ = [
+    "EMData",
+    "EMRun",
+    "EMState",
+    "apply_start",
+    "default_start",
+    "em_data",
+    "em_init",
+    "em_step",
+    "run_em",
+    "with_log_resp",
+]

@@ -1,0 +1,146 @@
+"""EM as pure ``init`` and ``step`` functions over a small state; the loop is separate.
+
+In the style of blackjax: ``em_init(functions, u, config)`` runs the E-step at ``u``;
+``em_step(functions, config, state)`` runs the M-step from the state's expectations
+and the E-step at the new point. Both see the data only as :class:`EMData`: chunks of
+observations, each E-step the sum of ``e_step`` over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.errors import DataError
+from ppl_em.model.recognise import ClosedFormPlan
+from ppl_em.steps.columns import StatsRequest, stats_request
+from ppl_em.steps.estep import e_step, resp_batches, split, whole_data
+from ppl_em.steps.mstep import Expectations, MStepConfig, m_step
+from ppl_em.steps.stats import DataChunk, Stats, total
+
+_NO_PLAN = ClosedFormPlan((), frozenset(), {})
+
+
+class EMData(NamedTuple):
+    """The data of a fit as chunks, and the statistics request their columns follow."""
+
+    chunks: tuple[DataChunk, ...]
+    request: StatsRequest
+
+
+def em_data(
+    functions: EMFunctions, config: MStepConfig | None = None, chunk_size: int | None = None
+) -> EMData:
+    """The data ``functions`` hold, whole or in chunks of ``chunk_size`` observations,
+    with the statistics columns ``config``'s closed-form blocks ask for (built once)."""
+    plan = _NO_PLAN if config is None else config.plan
+    request = stats_request(plan, functions.data_names, functions.data)
+    if chunk_size is None:
+        return EMData((whole_data(functions, request),), request)
+    if not functions.spec.chunkable:
+        raise ValueError(
+            f"the data cannot be cut into chunks: N={functions.graph.n_obs} observations "
+            f"do not exceed K={functions.graph.n_components} components, so per-observation "
+            "arrays cannot be told from per-component ones. Fit the data whole."
+        )
+    return EMData(tuple(split(functions, chunk_size, request)), request)
+
+
+class EMState(NamedTuple):
+    """One E-step's result at ``u``: the objective (``loglik + logprior`` for
+    ``mode="map"``, ``loglik`` for ``"mle"``) and the additive statistics (of the
+    columns ``request`` names), whose log-responsibilities are None unless kept (the
+    loop does not store N x K values it will not read; :func:`with_log_resp` fills
+    them in)."""
+
+    u: np.ndarray
+    loglik: float
+    logprior: float
+    objective: float
+    stats: Stats
+    request: StatsRequest | None = None
+
+    @property
+    def log_resp(self) -> np.ndarray | None:
+        return self.stats.log_resp
+
+
+def needs_resp(config: MStepConfig | None) -> bool:
+    """Whether the M-step reads responsibilities, not only statistics."""
+    return config is not None and bool(config.numeric_mask.any())
+
+
+def em_init(
+    functions: EMFunctions,
+    u: np.ndarray,
+    config: MStepConfig | None = None,
+    data: EMData | None = None,
+    keep_resp: bool = True,
+) -> EMState:
+    """E-step at ``u`` over ``data`` (default: all the data ``functions`` hold).
+
+    ``keep_resp=False`` stores no log-responsibilities unless ``config``'s M-step reads
+    them (numeric variables).
+    """
+    data = em_data(functions, config) if data is None else data
+    keep = keep_resp or needs_resp(config)
+    stats = total(e_step(functions, u, chunk, keep) for chunk in data.chunks)
+    extra, logprior = functions.fixed(u, *functions.fixed_data)
+    loglik, logprior = stats.loglik + float(extra), float(logprior)
+    objective = loglik + logprior if functions.mode == "map" else loglik
+    if not np.isfinite(objective):
+        raise DataError(
+            f"the objective is not finite at the current parameters (log-likelihood "
+            f"{loglik}, log prior {logprior}): a parameter left its prior's support or an "
+            "observed variable that does not depend on the label has impossible data."
+        )
+    return EMState(u, loglik, logprior, objective, stats, data.request)
+
+
+def with_log_resp(functions: EMFunctions, state: EMState, data: EMData | None = None) -> EMState:
+    """``state`` with its log-responsibilities, recomputed at ``state.u`` if not kept."""
+    if state.log_resp is not None:
+        return state
+    data = em_data(functions) if data is None else data
+    stats = total(e_step(functions, state.u, chunk, keep_resp=True) for chunk in data.chunks)
+    return state._replace(stats=replace(state.stats, log_resp=stats.log_resp))
+
+
+def expectations(functions: EMFunctions, state: EMState, data: EMData) -> Expectations:
+    """What the M-step reads from ``state``; responsibilities are computed (once, from
+    the kept log-responsibilities or an E-step per chunk) only if asked for."""
+    cache: list = []
+
+    def batches():
+        if not cache:
+            cache.extend(resp_batches(functions, state.u, data.chunks, state.log_resp))
+        return cache
+
+    return Expectations(state.stats, data.request, batches)
+
+
+def _same_columns(a: StatsRequest | None, b: StatsRequest) -> bool:
+    if a is b:
+        return True
+    if a is None or a.index != b.index or a.offsets != b.offsets:
+        return False
+    return all(np.array_equal(x, y) for x, y in zip(a.mvn_means, b.mvn_means, strict=True))
+
+
+def em_step(
+    functions: EMFunctions,
+    config: MStepConfig,
+    state: EMState,
+    data: EMData | None = None,
+    keep_resp: bool = True,
+) -> EMState:
+    """One EM iteration: the M-step from ``state``, then the E-step at the new point."""
+    data = em_data(functions, config) if data is None else data
+    if not _same_columns(state.request, data.request):
+        # A state from another config's E-step: its statistics are of other columns.
+        state = em_init(functions, state.u, config, data, state.log_resp is not None)
+    u = m_step(functions, config, state.u, expectations(functions, state, data))
+    return em_init(functions, u, config, data, keep_resp)

@@ -1,0 +1,112 @@
+"""The statistics columns: per-observation values whose responsibility-weighted sums
+give the closed-form M-step.
+
+For a Normal block: the data centred on a fixed offset (the mean of the whole data)
+and their squares; for a Binomial block with per-observation trials: the trials; for
+an MvNormal block: the centred data and all pairwise products. The offsets are fixed
+once per dataset, so the columns of any chunk are those rows of the whole data's
+columns, and the weighted sums add up across chunks.
+
+Second moments about the data mean lose ``eps * (shift^2 / var + 1)`` of a variance to
+cancellation, ``shift`` being a component's offset from that mean: with
+``CANCELLATION_LIMIT`` on ``shift^2 / var`` at most 2e-12 relative; beyond it the
+M-step takes the moments about the component's own mean in a second pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ppl_em.model.recognise import Block, ClosedFormPlan, DataRef
+
+CANCELLATION_LIMIT = 1e4
+
+
+class StatsRequest(NamedTuple):
+    """Which columns the fused E-step sums, for a plan and a dataset.
+
+    ``index`` maps ``(block number, role)`` (role ``"x"``, ``"xx"`` or ``"n"``) and
+    ``("mvn", i, *name)`` to the column's row; ``offsets[b]`` is the Normal block b's
+    centre, ``mvn_means[i]`` the MvNormal block i's; ``names`` are the data names the
+    chunks' arrays follow.
+    """
+
+    plan: ClosedFormPlan
+    names: tuple[str, ...]
+    index: dict[tuple, int]
+    offsets: dict[int, float]
+    mvn_means: tuple[np.ndarray, ...]
+
+    def columns(self, arrays) -> np.ndarray:
+        """The M x n columns of a chunk's arrays."""
+        data = dict(zip(self.names, arrays, strict=True))
+        n = np.shape(arrays[0])[0]
+        out = np.empty((len(self.index), n))
+        for b, block in enumerate(self.plan.blocks):
+            if block.data_name is not None:
+                _block_columns(out, self.index, b, block, data, self.offsets.get(b, 0.0))
+        for i, spec in enumerate(self.plan.mvn):
+            x = np.asarray(data[spec.data_name], dtype=float).reshape(n, -1) - self.mvn_means[i]
+            for a in range(x.shape[1]):
+                out[self.index[("mvn", i, "x", a)]] = x[:, a]
+                for c in range(a, x.shape[1]):
+                    np.multiply(x[:, a], x[:, c], out=out[self.index[("mvn", i, "xx", a, c)]])
+        return out
+
+
+def trials_source(block: Block):
+    """A Binomial block's per-observation trials (:class:`DataRef`), or None."""
+    n = block.consts.get("n")
+    return n if isinstance(n, DataRef) else None
+
+
+def _block_columns(out, index, b: int, block: Block, data: dict, offset: float) -> None:
+    x = np.asarray(data[block.data_name], dtype=float).reshape(out.shape[1])
+    if block.family == "normal":
+        dev = np.subtract(x, offset, out=out[index[(b, "x")]])
+        # Data near 1e300 overflow here; the M-step sees the non-finite moment and takes
+        # the second pass instead, so the warning is noise.
+        with np.errstate(over="ignore"):
+            np.multiply(dev, dev, out=out[index[(b, "xx")]])
+        return
+    out[index[(b, "x")]] = x
+    source = trials_source(block)
+    if source is not None:
+        trials = source.array if source.name is None else data[source.name]
+        out[index[(b, "n")]] = np.asarray(trials, dtype=float).reshape(-1)
+
+
+def _roles(plan: ClosedFormPlan, dims: dict[int, int]) -> list[tuple]:
+    keys = []
+    for b, block in enumerate(plan.blocks):
+        if block.data_name is None:
+            continue
+        keys.append((b, "x"))
+        if block.family == "normal":
+            keys.append((b, "xx"))
+        elif trials_source(block) is not None:
+            keys.append((b, "n"))
+    for i, d in dims.items():
+        keys += [("mvn", i, "x", a) for a in range(d)]
+        keys += [("mvn", i, "xx", a, c) for a in range(d) for c in range(a, d)]
+    return keys
+
+
+def stats_request(plan: ClosedFormPlan, names, arrays) -> StatsRequest:
+    """The request for ``plan``, centred on the means of ``arrays`` (the whole data, or
+    for data too large for memory, a representative chunk)."""
+    data = dict(zip(names, arrays, strict=True))
+    offsets = {}
+    for b, block in enumerate(plan.blocks):
+        if block.family == "normal" and block.data_name is not None:
+            offsets[b] = float(np.mean(np.asarray(data[block.data_name], dtype=float)))
+    means, dims = [], {}
+    for i, spec in enumerate(plan.mvn):
+        x = np.asarray(data[spec.data_name], dtype=float)
+        x = x.reshape(x.shape[0], -1)
+        means.append(x.mean(axis=0))
+        dims[i] = x.shape[1]
+    index = {key: row for row, key in enumerate(_roles(plan, dims))}
+    return StatsRequest(plan, tuple(names), index, offsets, tuple(means))

@@ -1,0 +1,208 @@
+"""The M-step: one entry point, ``m_step(functions, config, u, expectations) -> u``.
+
+Closed-form blocks read only the E-step's additive statistics; MvNormal blocks map
+their weighted moments back to the free variables; the remaining (numeric) variables
+increase Q by L-BFGS, with Q and its gradient summed over chunks of responsibilities.
+Q is additive over blocks whose variables are disjoint, so updating the closed-form
+blocks exactly and maximising Q over the rest (closed-form ones held fixed) gives the
+same joint maximiser as a numeric M-step over everything
+(``tests/test_mstep_agreement.py`` checks that on every family).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.errors import ClosedFormUnavailableError
+from ppl_em.model.recognise import ClosedFormPlan
+from ppl_em.options import MSTEPS
+from ppl_em.steps.closed_form import Batches, closed_form_update
+from ppl_em.steps.columns import StatsRequest, stats_request
+from ppl_em.steps.estep import q_and_grad, whole_data
+from ppl_em.steps.mvn_solve import (
+    MvnUpdate,
+    compile_update,
+    moments_from_stats,
+    moments_two_pass,
+    solve_params,
+)
+from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
+
+# A numeric M-step stops once the gradient of Q has shrunk by this factor (a
+# generalised EM step: Q increases, the fixed point is the same); a relative rule, unlike
+# an iteration cap, still runs to the end when Q climbs steadily. benchmarks/README.md
+# has the measurements against an exact M-step.
+GEM_GRAD_REDUCTION = 0.1
+
+
+class MStepConfig(NamedTuple):
+    """What the M-step does: the closed-form plan, the MvNormal blocks' compiled maps,
+    and L-BFGS settings for the numeric variables (``grad_reduction=0``: Q's maximiser)."""
+
+    plan: ClosedFormPlan
+    numeric_mask: np.ndarray
+    maxiter: int = 500
+    gtol: float = 1e-10
+    mvn: tuple[MvnUpdate, ...] = ()
+    grad_reduction: float = GEM_GRAD_REDUCTION
+
+
+class Expectations(NamedTuple):
+    """What the M-step reads from an E-step: the additive statistics, the request that
+    says what their columns are, and the responsibilities chunk by chunk (``batches()``
+    yields ``(gamma_t, chunk)``) for numeric blocks and moments the statistics cannot
+    give accurately."""
+
+    stats: Stats
+    request: StatsRequest
+    batches: Batches
+
+
+def make_mstep_config(
+    functions: EMFunctions,
+    plan: ClosedFormPlan,
+    mstep: str = "auto",
+    grad_reduction: float = GEM_GRAD_REDUCTION,
+) -> MStepConfig:
+    """Choose closed-form and numeric variables for ``mstep`` in ``MSTEPS``."""
+    if mstep not in MSTEPS:
+        raise ValueError(f"mstep={mstep!r} is not one of {MSTEPS}.")
+    if mstep == "numeric":
+        plan = ClosedFormPlan((), frozenset(), dict(plan.reasons))
+    if mstep == "closed" and plan.reasons:
+        name, why = next(iter(plan.reasons.items()))
+        raise ClosedFormUnavailableError(
+            f"mstep='closed' but variable {name!r} has no closed-form update: {why}. "
+            "Use mstep='auto' (closed form where possible, numeric elsewhere)."
+        )
+    layout = functions.layout
+    mask = ~layout.mask(plan.closed)
+    mvn = tuple(compile_update(functions, spec) for spec in plan.mvn)
+    return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction)
+
+
+def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
+    """``config`` with ``reg_covar`` added to every closed-form Normal variance and
+    MvNormal covariance diagonal (scikit-learn's floor against collapse)."""
+    plan = config.plan
+    blocks = tuple(
+        b._replace(consts={**b.consts, "reg_covar": float(reg_covar)})
+        if b.family == "normal" and "sigma" in b.slots
+        else b
+        for b in plan.blocks
+    )
+    mvn = tuple(spec._replace(reg_covar=float(reg_covar)) for spec in plan.mvn)
+    return config._replace(plan=plan._replace(blocks=blocks, mvn=mvn))
+
+
+def _set_closed(functions: EMFunctions, config: MStepConfig, u, values: dict) -> np.ndarray:
+    """``u`` with the closed-form variables set to the constrained ``values``."""
+    layout = functions.layout
+    current = dict(zip(layout.rv_names, functions.constrain(u), strict=True))
+    current.update(values)
+    forward = functions.unconstrain(u, *(current[n] for n in layout.rv_names))
+    u = u.copy()
+    for name, sl, value in zip(layout.rv_names, layout.slices, forward, strict=True):
+        if name in config.plan.closed:
+            u[sl] = np.reshape(value, -1)
+    return u
+
+
+def _mvn_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expectations):
+    """Each MvNormal block: weighted moments mapped back to its free variables; a block
+    whose map cannot reach them gets L-BFGS on Q for this step instead."""
+    for i, (spec, update) in enumerate(zip(config.plan.mvn, config.mvn, strict=True)):
+        target = moments_from_stats(ex.stats.nk, ex.stats, ex.request, i, spec.reg_covar)
+        if target is None:
+            target = moments_two_pass(ex.batches, spec.data_name, ex.request.names, spec.reg_covar)
+        new = solve_params(update, u, *target)
+        if new is None:
+            new = numeric_step(functions, config._replace(numeric_mask=update.mask), u, ex.batches)
+        u = new
+    return u
+
+
+def closed_step(functions, config: MStepConfig, u: np.ndarray, ex: Expectations):
+    """Replace the closed-form variables' entries of ``u`` by their exact update."""
+    plan = config.plan
+    if plan.blocks:
+        current = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
+        new = closed_form_update(plan, ex.stats, ex.request, current, functions.mode, ex.batches)
+        u = _set_closed(functions, config, u, new)
+    return _mvn_blocks(functions, config, u, ex)
+
+
+def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, batches: Batches):
+    """Increase Q over the numeric variables by L-BFGS, warm-started at ``u``.
+
+    Stops once the gradient norm is ``config.grad_reduction`` times its starting value
+    (a generalised M-step; 0 runs to ``gtol``, Q's maximiser) or after ``maxiter``.
+    """
+    mask = config.numeric_mask
+    if not mask.any():
+        return u
+    full = u.copy()
+    seen = {"grad": None, "best": (np.inf, None)}
+
+    def negative_q(sub: np.ndarray):
+        full[mask] = sub
+        q, grad = q_and_grad(functions, full, batches())
+        if not np.isfinite(q):
+            return np.inf, np.zeros_like(sub)
+        seen["grad"] = grad[mask]
+        if -q < seen["best"][0]:
+            # Kept apart from L-BFGS's own answer: when Q is unbounded (a collapsing
+            # component) the run can end on a non-finite point after finite progress.
+            seen["best"] = (-float(q), sub.copy())
+        return -float(q), -grad[mask]
+
+    start = u[mask]
+    f0, g0 = negative_q(start)
+    enough = config.grad_reduction * np.linalg.norm(g0)
+
+    def callback(intermediate_result):
+        # L-BFGS-B's line search ends by evaluating the accepted point.
+        if np.linalg.norm(seen["grad"]) <= enough:
+            raise StopIteration
+
+    minimize(
+        negative_q,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        callback=callback,
+        options={"maxiter": config.maxiter, "gtol": config.gtol, "ftol": 1e-15},
+    )
+    f_best, best = seen["best"]
+    out = u.copy()
+    out[mask] = best if best is not None and f_best <= f0 else start
+    return out
+
+
+def m_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, ex: Expectations):
+    """One full M-step from an E-step's :class:`Expectations`; returns the new flat ``u``."""
+    return numeric_step(functions, config, closed_step(functions, config, u, ex), ex.batches)
+
+
+def expectations_from_resp(
+    functions: EMFunctions, config: MStepConfig, gamma: np.ndarray, chunk: DataChunk | None = None
+) -> Expectations:
+    """:class:`Expectations` of given n x K responsibilities of ``chunk`` (default: all
+    the data ``functions`` hold), e.g. a soft partition for a starting point."""
+    request = stats_request(config.plan, functions.data_names, functions.data)
+    if chunk is None:
+        chunk = whole_data(functions, request)
+    elif chunk.columns is None:
+        chunk = chunk._replace(columns=request.columns(chunk.arrays))
+    gamma_t = np.ascontiguousarray(np.asarray(gamma, dtype=float).T)
+    stats = stats_from_resp(gamma_t.T, chunk.columns)
+    return Expectations(stats, request, lambda: [(gamma_t, chunk)])
+
+
+def m_step_from_resp(functions, config: MStepConfig, u: np.ndarray, gamma: np.ndarray):
+    """One M-step from n x K responsibilities ``gamma`` of all the data."""
+    return m_step(functions, config, u, expectations_from_resp(functions, config, gamma))

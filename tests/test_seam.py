@@ -1,0 +1,161 @@
+"""The E-step seam: statistics add up over chunks of observations, whatever the split.
+
+For every family of ``models/`` in both model forms (explicit label and ``pm.Mixture``),
+and for both passes over the joint (the NumPy pass of ``backend="python"`` and the
+numba kernel of compiled backends), the E-step over the whole data must equal the sum
+of E-steps over any split of it into chunks, to round-off: log-likelihood, expected
+counts, weighted statistics and responsibilities. So must Q and its gradient (what a
+numeric M-step sums), and a whole EM fit run chunk by chunk.
+"""
+
+import itertools
+
+import numpy as np
+import pymc as pm
+import pytest
+
+import ppl_em
+from models import MODELS
+from ppl_em.em import default_start, em_data, run_em
+from ppl_em.model import analyse_model
+from ppl_em.steps import DataChunk, e_step, q_and_grad, whole_data
+from ppl_em.steps.columns import stats_request
+from ppl_em.steps.stats import total
+from tests.models_for_tests import coin_mixture, gaussian_label
+
+RNG = np.random.default_rng(12)
+
+
+def _exponential_label(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        lam = pm.Gamma("lam", 1.0, 0.1, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Exponential("x", lam=lam[z], observed=x)
+    return model
+
+
+def _poisson_mixture(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Gamma("mu", 2.0, 0.2, shape=2)
+        pm.Mixture("counts", w=w, comp_dists=pm.Poisson.dist(mu=mu), observed=x)
+    return model
+
+
+def _mvnormal_mixture(x):
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=(2, 2))
+        chol = [
+            pm.LKJCholeskyCov(f"chol{k}", n=2, eta=2.0, sd_dist=pm.HalfNormal.dist(3.0))[0]
+            for k in range(2)
+        ]
+        comps = [pm.MvNormal.dist(mu=mu[k], chol=chol[k]) for k in range(2)]
+        pm.Mixture("x", w=w, comp_dists=comps, observed=x)
+    return model
+
+
+def _regression_mixture(data):
+    covariate, y = data
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        alpha = pm.Normal("alpha", 0.0, 10.0, shape=2)
+        beta = pm.Normal("beta", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 3.0, shape=2)
+        comps = [
+            pm.Normal.dist(mu=alpha[k] + beta[k] * covariate, sigma=sigma[k]) for k in range(2)
+        ]
+        pm.Mixture("y", w=w, comp_dists=comps, observed=y)
+    return model
+
+
+# family -> (the models/ example, the same family in the other form)
+FORMS = {
+    "binomial": ("coin", coin_mixture),
+    "exponential": ("exponential", _exponential_label),
+    "normal": ("gaussian_1d", gaussian_label),
+    "poisson": ("poisson_counts", _poisson_mixture),
+    "mvnormal": ("gaussian_2d", _mvnormal_mixture),
+    "regression": ("regression_mixture", _regression_mixture),
+}
+CASES = [(family, form) for family in FORMS for form in ("models", "other")]
+
+
+def _model(family: str, form: str) -> pm.Model:
+    name, other = FORMS[family]
+    module = MODELS[name]
+    return module.build_model() if form == "models" else other(module.default_data())
+
+
+def _splits(n: int) -> list[list[int]]:
+    """Chunk boundaries: single observations at the start, uneven runs, a random cut."""
+    cuts = sorted(set(RNG.choice(np.arange(2, n - 1), size=3, replace=False).tolist()))
+    return [[0, n], [0, 1, 2, 9, n], [0, *cuts, n], [0, n // 2, n]]
+
+
+def _chunks(functions, request, bounds):
+    out = []
+    for a, b in itertools.pairwise(bounds):
+        arrays = tuple(x[a:b] for x in functions.data)
+        out.append(DataChunk(arrays, a, request.columns(arrays)))
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def case(request):
+    family, form = request.param
+    model = _model(family, form)
+    prepared = ppl_em.prepare(model, backend="python" if form == "models" else "c")
+    functions, config = prepared
+    u = default_start(functions, config, np.random.default_rng(0))
+    return family, form, prepared, u
+
+
+@pytest.mark.parametrize("family", sorted(FORMS))
+def test_each_family_is_covered_in_both_forms(family):
+    kinds = {analyse_model(_model(family, form)).kind for form in ("models", "other")}
+    assert kinds == {"label", "mixture"}
+
+
+def test_estep_adds_up_over_any_split(case):
+    _, _, (functions, config), u = case
+    request = stats_request(config.plan, functions.data_names, functions.data)
+    whole = e_step(functions, u, whole_data(functions, request), keep_resp=True)
+    assert whole.s.shape == (len(request.index), functions.graph.n_components)
+    for bounds in _splits(functions.data[0].shape[0]):
+        chunks = _chunks(functions, request, bounds)
+        summed = total(e_step(functions, u, c, keep_resp=True) for c in chunks)
+        assert summed.n_obs == whole.n_obs
+        assert summed.loglik == pytest.approx(whole.loglik, rel=1e-12)
+        np.testing.assert_allclose(summed.nk, whole.nk, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(summed.s, whole.s, rtol=1e-11, atol=1e-9)
+        np.testing.assert_allclose(summed.log_resp, whole.log_resp, rtol=1e-12, atol=1e-12)
+
+
+def test_q_and_gradient_add_up_over_chunks(case):
+    _, _, (functions, config), u = case
+    request = stats_request(config.plan, functions.data_names, functions.data)
+    whole_chunk = whole_data(functions, request)
+    log_resp = e_step(functions, u, whole_chunk, keep_resp=True).log_resp
+    gamma_t = np.ascontiguousarray(np.exp(log_resp.T))
+    q, grad = q_and_grad(functions, u, [(gamma_t, whole_chunk)])
+    bounds = [0, 3, 40, functions.data[0].shape[0]]
+    batches = [(np.ascontiguousarray(gamma_t[:, c.start : c.start + c.n]), c)
+               for c in _chunks(functions, request, bounds)]  # fmt: skip
+    q_sum, grad_sum = q_and_grad(functions, u, batches)
+    assert q_sum == pytest.approx(q, rel=1e-12)
+    np.testing.assert_allclose(grad_sum, grad, rtol=1e-10, atol=1e-9)
+
+
+def test_chunked_fit_equals_whole_fit(case):
+    """Ten EM iterations over chunks of 37 observations land where ten over the whole
+    data do (iterate by iterate the same arithmetic up to summation order)."""
+    _, _, (functions, config), u = case
+    options = {"tol": 1e-300, "max_iter": 10}
+    with pytest.warns(ppl_em.ConvergenceWarning):
+        whole = run_em(functions, config, u, **options)
+    with pytest.warns(ppl_em.ConvergenceWarning):
+        chunked = run_em(functions, config, u, data=em_data(functions, config, 37), **options)
+    np.testing.assert_allclose(chunked.history, whole.history, rtol=1e-10)
+    np.testing.assert_allclose(chunked.state.u, whole.state.u, rtol=1e-7, atol=1e-8)
