@@ -61,12 +61,19 @@ NON_NEGATIVE_SEED = Constraint(
 )
 FLAG = Constraint(lambda v: isinstance(v, bool | np.bool_), "must be True or False", TypeError)
 
+GAP = Constraint(
+    lambda v: isinstance(v, Real) and not isinstance(v, bool) and v > 0,
+    "must be a positive number of nats (np.inf turns the rule off), e.g. 5e-7.",
+)
+
 FIT_CONSTRAINTS: dict[str, tuple[Constraint, ...]] = {
-    "mode": (one_of(MODES),),
-    "mstep": (one_of(MSTEPS),),
+    "mode": (Constraint(lambda v: v is None or v in MODES, f"is not one of {MODES}."),),
+    "mstep": (Constraint(lambda v: v is None or v in MSTEPS, f"is not one of {MSTEPS}."),),
     "max_iter": (int_at_least(1),),
     "n_init": (int_at_least(1),),
     "tol": (POSITIVE,),
+    "gap_tol": (GAP,),
+    "exact_mstep": (FLAG,),
     "reg_covar": (NON_NEGATIVE,),
     "random_seed": (SEED, NON_NEGATIVE_SEED),
     "progressbar": (FLAG,),

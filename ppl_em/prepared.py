@@ -48,7 +48,24 @@ def prepare(
     plan = build_plan(graph, mode, data_spec(graph))
     numeric = mstep == "numeric" or bool(plan.reasons)
     functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
+    _check_finite(functions)
     return PreparedEM(functions, make_mstep_config(functions, plan, mstep))
+
+
+def _check_finite(functions: EMFunctions) -> None:
+    """Every data array EM reads is finite: a NaN in a covariate would otherwise show
+    up as an observation no component can produce, blaming its valid observed value."""
+    spec = functions.spec
+    names = spec.names + spec.fixed_names
+    for name, array in zip(names, functions.data + functions.fixed_data, strict=True):
+        if np.issubdtype(array.dtype, np.number) and not np.all(np.isfinite(array)):
+            bad = _first_bad(~np.isfinite(array))
+            raise DataError(
+                f"{spec.describe(name)} is not finite at index {bad} "
+                f"(value {array[bad].item()!r}): "
+                "remove or replace NaN/inf entries (the observations they belong to) "
+                "before building the model."
+            )
 
 
 def _normal_scale_vars(functions: EMFunctions) -> set[str]:

@@ -9,15 +9,17 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 from pymc.logprob.utils import CheckParameterValue
+from pytensor.graph.replace import graph_replace
 from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.tensor.slinalg import SolveTriangular
 from scipy import stats
 
 import ppl_em
-import ppl_em.compiled.functions as functions_module
 import ppl_em.steps.estep as estep_module
+from ppl_em.compiled.layout import flat_replacements
 from ppl_em.compiled.rewrites import MANY_RHS, solves_as_products
 from ppl_em.em import apply_start, default_start, em_init
+from ppl_em.model import joint_rows
 from ppl_em.steps import e_step, joint, whole_data
 from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
 
@@ -34,17 +36,24 @@ def _solves(outputs) -> list:
 
 def _rows_graph(functions):
     """The rows' graph as handed to the compiler (rewritten): ``(inputs, outputs, mode)``."""
-    return functions.rows._graph
+    return functions.rows.graph
 
 
-def _rhs_rows(functions, nodes, u) -> list[int]:
+def _plain_rows(functions) -> tuple[list, list]:
+    """``(inputs, rows)``: the same rows as built from the model, before any rewrite."""
+    flat = pt.vector("u", dtype="float64")
+    replace = flat_replacements(functions.graph, functions.layout, flat)
+    rows = graph_replace(joint_rows(functions.graph, functions.spec), replace, strict=False)
+    return [flat, *functions.spec.inputs], rows
+
+
+def _rhs_rows(inputs, nodes, u, data) -> list[int]:
     """The first dimension of each solve's right-hand side when the rows are evaluated
-    over the data ``functions`` hold (the graph's data inputs have no static length)."""
-    inputs, _, _ = _rows_graph(functions)
+    over ``data`` (the graph's data inputs have no static length)."""
     shapes = pytensor.function(
         inputs, [node.inputs[1].shape[0] for node in nodes], on_unused_input="ignore"
     )
-    return [int(s) for s in shapes(u, *functions.data)] if nodes else []
+    return [int(s) for s in shapes(u, *data)] if nodes else []
 
 
 def test_mixture_joint_equals_scipy_after_rewrite():
@@ -69,22 +78,20 @@ def test_mixture_joint_equals_scipy_after_rewrite():
         assert node.inputs[1].type.shape[-1] == d and node.inputs[1].type.shape[0] == d
 
 
-def test_label_model_rewritten_and_unchanged(monkeypatch):
+def test_label_model_rewritten_and_unchanged():
     model = gaussian_2d_label(n=300)
     model_joint, config = ppl_em.prepare(model, mode="map")
     u = default_start(model_joint, config, np.random.default_rng(1))
-    _, outputs, _ = _rows_graph(model_joint)
+    inputs, outputs, _ = _rows_graph(model_joint)
     # The rows take chunks of any length, so the length of a solve's right-hand side is
     # read off the graph evaluated over the data (N = 300), not its static type.
-    assert not any(rows == 300 for rows in _rhs_rows(model_joint, _solves(outputs), u))
-    # the same graph without the rewrite gives the same joint. A chunk's length is not
-    # known when compiling (every chunk counts as many right-hand sides), so MANY_RHS
-    # above N no longer switches the rewrite off: build the rows without it instead.
-    monkeypatch.setattr(functions_module, "solves_as_products", lambda outputs: outputs)
-    plain = ppl_em.prepare(gaussian_2d_label(n=300), mode="map").functions
-    _, plain_outputs, _ = _rows_graph(plain)
-    assert any(rows == 300 for rows in _rhs_rows(plain, _solves(plain_outputs), u))
-    np.testing.assert_allclose(joint(model_joint, u), joint(plain, u), rtol=1e-12)
+    data = model_joint.data
+    assert not any(rows == 300 for rows in _rhs_rows(inputs, _solves(outputs), u, data))
+    # the same rows as built from the model, before the rewrite, give the same joint
+    plain_inputs, plain_rows = _plain_rows(model_joint)
+    assert any(rows == 300 for rows in _rhs_rows(plain_inputs, _solves(plain_rows), u, data))
+    plain = pytensor.function(plain_inputs, plain_rows, on_unused_input="ignore")
+    np.testing.assert_allclose(joint(model_joint, u), np.stack(plain(u, *data), axis=1), rtol=1e-12)
 
 
 def test_per_observation_factors_are_left_alone():

@@ -9,6 +9,7 @@ numeric M-step sums), and a whole EM fit run chunk by chunk.
 """
 
 import itertools
+import warnings
 
 import numpy as np
 import pymc as pm
@@ -149,13 +150,14 @@ def test_q_and_gradient_add_up_over_chunks(case):
 
 
 def test_chunked_fit_equals_whole_fit(case):
-    """Ten EM iterations over chunks of 37 observations land where ten over the whole
-    data do (iterate by iterate the same arithmetic up to summation order)."""
+    """Up to ten EM iterations over chunks of 37 observations land where as many over
+    the whole data do (iterate by iterate the same arithmetic up to summation order)."""
     _, _, (functions, config), u = case
     options = {"tol": 1e-300, "max_iter": 10}
-    with pytest.warns(ppl_em.ConvergenceWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
         whole = run_em(functions, config, u, **options)
-    with pytest.warns(ppl_em.ConvergenceWarning):
         chunked = run_em(functions, config, u, data=em_data(functions, config, 37), **options)
+    assert chunked.n_iter == whole.n_iter > 2
     np.testing.assert_allclose(chunked.history, whole.history, rtol=1e-10)
     np.testing.assert_allclose(chunked.state.u, whole.state.u, rtol=1e-7, atol=1e-8)

@@ -11,6 +11,7 @@ keeps a cold start of a closed-form model to a few small compilations.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -102,27 +103,36 @@ def backend_mode(backend: str) -> Mode:
 class LazyFunction:
     """A PyTensor function compiled on its first call (many fits never need it); its
     first ``borrow`` outputs are the function's own buffers, overwritten by the next
-    call."""
+    call.
+
+    A compiled PyTensor function keeps its inputs and outputs in storage of its own, so
+    two threads calling it at once would overwrite each other's: every call holds
+    ``lock``, and a caller that reads borrowed outputs holds it until it has (one
+    ``prepared`` model can serve fits in several threads; they take turns).
+    """
 
     def __init__(
         self, inputs: list, outputs: list | TensorVariable, mode: Mode, borrow: int = 0
     ) -> None:
-        self._graph = (inputs, outputs, mode)
+        self.graph = (inputs, outputs, mode)
         self._borrow = borrow
         self._fn: Callable | None = None
+        self.lock = threading.RLock()
 
     @property
     def compiled(self) -> Callable:
         """The compiled PyTensor function (compiling it now if not yet)."""
-        if self._fn is None:
-            inputs, outputs, mode = self._graph
-            if self._borrow:
-                outputs = [Out(o, borrow=i < self._borrow) for i, o in enumerate(outputs)]
-            self._fn = pymc_compile(inputs, outputs, mode=mode, on_unused_input="ignore")
-        return self._fn
+        with self.lock:
+            if self._fn is None:
+                inputs, outputs, mode = self.graph
+                if self._borrow:
+                    outputs = [Out(o, borrow=i < self._borrow) for i, o in enumerate(outputs)]
+                self._fn = pymc_compile(inputs, outputs, mode=mode, on_unused_input="ignore")
+            return self._fn
 
     def __call__(self, *args):
-        return self.compiled(*args)
+        with self.lock:
+            return self.compiled(*args)
 
 
 def _has_c_loops(mode: Mode) -> bool:
@@ -146,7 +156,8 @@ class RowsFunction(LazyFunction):
         self._k = len(rows)
 
     def __call__(self, *args):
-        out = super().__call__(*args)
+        with self.lock:
+            out = super().__call__(*args)
         k = self._k
         return [
             r if ok else np.full_like(r, -np.inf)

@@ -8,27 +8,53 @@ from typing import NamedTuple
 import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
+from ppl_em.em import convergence
 from ppl_em.em.progress import Progress
-from ppl_em.em.squarem import stepper
-from ppl_em.em.step import EMData, EMState, em_data, em_init, with_log_resp
+from ppl_em.em.squarem import SquaremCycle, stepper
+from ppl_em.em.step import EMData, EMState, em_data, em_init, expectations, with_log_resp
 from ppl_em.errors import ConvergenceWarning, NonMonotoneWarning
 from ppl_em.steps.mstep import MStepConfig
+from ppl_em.steps.numeric import scaled_gradient
 
 # EM's ascent is exact in theory; a decrease below this (relative) is round-off or the
 # tolerance of the numeric inner optimiser, not a failure of monotonicity.
 MONOTONE_SLACK = 1e-9
+# A numeric M-step that leaves u where it is, although Q's gradient there is this many
+# standard errors (scaled coordinates, ppl_em.steps.numeric) from zero, has stalled.
+STALL_TOL = 1e-3
 
 
 class EMRun(NamedTuple):
+    """A run's last state, objective history and verdict; ``stalled`` is the scaled
+    gradient norm where a numeric M-step stopped moving (None if it never did)."""
+
     state: EMState
     history: np.ndarray
     n_iter: int
     converged: bool
     monotone: bool
     n_estep: int = 0
+    stalled: float | None = None
 
 
-def _warn(history: list, monotone: bool, converged: bool, max_iter: int) -> None:
+def _stalled_step(step, functions, config, state, data) -> tuple[SquaremCycle, float | None]:
+    """One cycle; if the numeric M-step left its variables unchanged (whatever the
+    closed-form ones did), one more with Q's exact maximiser, and if that too leaves
+    them, the scaled gradient norm when it exceeds ``STALL_TOL`` (else None: they are
+    at a fixed point of EM)."""
+    mask = config.numeric_mask
+    cycle = step(functions, config, state, data, keep_resp=False)
+    if not (mask.any() and np.array_equal(cycle.state.u[mask], state.u[mask])):
+        return cycle, None
+    cycle = step(functions, config._replace(grad_reduction=0.0), state, data, keep_resp=False)
+    if not np.array_equal(cycle.state.u[mask], state.u[mask]):
+        return cycle, None
+    batches = expectations(functions, with_log_resp(functions, state, data), data).batches
+    norm = scaled_gradient(functions, state.u, mask, batches)
+    return cycle, (norm if norm > STALL_TOL else None)
+
+
+def _warn(history: list, monotone: bool, converged: bool, max_iter: int, gap, stalled) -> None:
     if not monotone:
         warnings.warn(
             "the EM objective decreased between iterations by more than round-off. With "
@@ -38,11 +64,22 @@ def _warn(history: list, monotone: bool, converged: bool, max_iter: int) -> None
             NonMonotoneWarning,
             stacklevel=4,
         )
-    if not converged:
+    if stalled is not None:
+        warnings.warn(
+            f"the numeric M-step stalled after {len(history) - 1} iterations: Q's "
+            f"gradient is {stalled:.3g} standard errors from zero but neither the "
+            "generalised nor the exact M-step raises Q. The fit is not at a stationary "
+            "point (converged=False). Try other starts (n_init>1) or a prior that keeps "
+            "the parameters off their support's boundary.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    elif not converged:
         warnings.warn(
             f"EM did not converge in max_iter={max_iter} iterations (last change "
-            f"{history[-1] - history[-2]:.3g}). Increase max_iter, loosen tol, or try "
-            "other starts with n_init>1; slow convergence often means overlapping or "
+            f"{history[-1] - history[-2]:.3g}, estimated gain still to come "
+            f"{gap:.3g} nats). Increase max_iter, try accelerate='squarem' or other "
+            "starts with n_init>1; slow convergence often means overlapping or "
             "unidentified components.",
             ConvergenceWarning,
             stacklevel=4,
@@ -57,33 +94,40 @@ def run_em(
     data: EMData | None = None,
     max_iter: int = 1000,
     tol: float = 1e-8,
+    gap_tol: float = convergence.GAP_TOL,
     progressbar: bool = False,
     accelerate: str | None = None,
 ) -> EMRun:
-    """Iterate until the objective changes by less than ``tol * |objective|``.
+    """Iterate until the objective changes by less than ``tol * |objective|`` and its
+    estimated remaining gain is below ``gap_tol`` nats (:mod:`ppl_em.em.convergence`).
 
     ``data`` (default: all the data ``functions`` hold, as one chunk) is built once;
     ``accelerate="squarem"`` iterates SQUAREM cycles (each up to 4 E-steps) instead of
     single EM steps; ``max_iter`` then counts cycles and ``EMRun.n_estep`` the E-steps.
+    A numeric M-step that stops moving away from a stationary point ends the run
+    unconverged (``EMRun.stalled``).
     """
     step = stepper(accelerate)
     data = em_data(functions, config) if data is None else data
     state = em_init(functions, u0, config, data, keep_resp=False)
-    history, converged, monotone, n_estep = [state.objective], False, True, 1
+    history, monotone, n_estep = [state.objective], True, 1
+    converged, stalled, stopping = False, None, convergence.Stopping()
     with Progress(max_iter, enabled=progressbar) as bar:
         for _ in range(max_iter):
-            cycle = step(functions, config, state, data, keep_resp=False)
+            cycle, stalled = _stalled_step(step, functions, config, state, data)
             new, n_estep = cycle.state, n_estep + cycle.n_estep
-            delta = new.objective - state.objective
-            scale = max(1.0, abs(new.objective))
-            if delta < -MONOTONE_SLACK * scale:
+            if new.objective - state.objective < -MONOTONE_SLACK * max(1.0, abs(new.objective)):
                 monotone = False
             history.append(new.objective)
             state = new
             bar.update(state.objective)
-            if abs(delta) <= tol * scale:
+            stopping = convergence.update(stopping, history)
+            if stalled is not None:
+                break
+            if convergence.converged(stopping, history, tol, gap_tol):
                 converged = True
                 break
-    _warn(history, monotone, converged, max_iter)
+    _warn(history, monotone, converged, max_iter, convergence.gap(stopping, history), stalled)
     state = with_log_resp(functions, state, data)
-    return EMRun(state, np.asarray(history), len(history) - 1, converged, monotone, n_estep)
+    n_iter = len(history) - 1
+    return EMRun(state, np.asarray(history), n_iter, converged, monotone, n_estep, stalled)

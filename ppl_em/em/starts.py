@@ -70,10 +70,16 @@ def initial_u(functions: EMFunctions) -> np.ndarray:
 def default_start(
     functions: EMFunctions, config: MStepConfig, rng: np.random.Generator | None
 ) -> np.ndarray:
-    """One M-step from a partition of the data (deterministic when ``rng`` is None)."""
+    """One M-step from a partition of the data (deterministic when ``rng`` is None).
+
+    An exact M-step: PyMC's initial point knows nothing of the data's units (a Flat
+    mean starts at 0, a HalfFlat scale at 1), so a generalised step from it can stop
+    far from the partition's parameters and start EM near a symmetric saddle.
+    """
     k = functions.graph.n_components
     gamma = soft_responsibilities(partition(data_features(functions), k, rng), k)
-    return m_step_from_resp(functions, config, initial_u(functions), gamma)
+    exact = config._replace(grad_reduction=0.0)
+    return m_step_from_resp(functions, exact, initial_u(functions), gamma)
 
 
 def _start_value(functions: EMFunctions, name: str, value, current: dict) -> np.ndarray:
@@ -169,4 +175,17 @@ def check_support(functions: EMFunctions, u: np.ndarray) -> None:
         f"log-likelihood is -inf for every component ({bad.size} such observations, "
         f"indices {bad[:10].tolist()}). Remove or correct values outside the support, "
         "choose a family whose support contains them, or give a start closer to the data."
+        + _wrapped_hint(functions, row)
+    )
+
+
+def _wrapped_hint(functions: EMFunctions, row: list) -> str:
+    """PyMC stores integer observations as int32 (``pymc.pytensorf.smarttypeX``), so
+    counts above 2**31 - 1 arrive wrapped, often negative; say so where it may be why."""
+    integer = any(np.issubdtype(a.dtype, np.integer) for a in functions.observed().values())
+    if not (integer and any(v < 0 for v in row)):
+        return ""
+    return (
+        " If the data held integers above 2**31 - 1, PyMC's int32 conversion of integer "
+        "observations wrapped them: pass them as a float64 array (np.asarray(x, float))."
     )

@@ -44,6 +44,16 @@ class DataSpec:
     fixed_leaves: tuple[Variable, ...]
     fixed_inputs: tuple[TensorVariable, ...]
     chunkable: bool
+    origins: tuple[str, ...] = ()
+
+    def describe(self, name: str) -> str:
+        """How an error names the array ``name``."""
+        if name in self.observed or name in self.fixed_names:
+            return f"observed data {name!r}"
+        owner = dict(zip(self.names, self.origins, strict=True)).get(name)
+        if owner:
+            return f"covariate {name!r} (an unnamed array in the parameters of {owner!r})"
+        return f"covariate {name!r}"
 
     @property
     def n(self) -> TensorVariable:
@@ -89,8 +99,9 @@ def _sources(graph: MixtureGraph) -> list[tuple[str, list]]:
     return found
 
 
-def _covariates(graph: MixtureGraph, observed: set) -> list[tuple[str, Variable]]:
-    """Array leaves whose first axis has length N, each with a name, in a fixed order."""
+def _covariates(graph: MixtureGraph, observed: set) -> list[tuple[str, Variable, str]]:
+    """Array leaves whose first axis has length N, each with a name and (for plain
+    arrays, which have none) the variable in whose parameters it was found."""
     model, n = graph.model, graph.n_obs
     blockers = [rv for rv in model.basic_RVs if rv not in graph.dependents]
     out, seen = [], set(observed)
@@ -104,7 +115,7 @@ def _covariates(graph: MixtureGraph, observed: set) -> list[tuple[str, Variable]
                 continue
             seen.add(var)
             name = var.name if isinstance(var, SharedVariable) and var.name else None
-            out.append((name or f"{owner}_const{count}", var))
+            out.append((name or f"{owner}_const{count}", var, "" if name else owner))
             count += name is None
     return out
 
@@ -118,22 +129,23 @@ def _dynamic_input(leaf: Variable, name: str) -> TensorVariable:
 def data_spec(graph: MixtureGraph) -> DataSpec:
     """Find the model's data: see the module docstring."""
     model = graph.model
-    observed = [(rv.name, model.rvs_to_values[rv]) for rv in graph.dependents]
+    observed = [(rv.name, model.rvs_to_values[rv], "") for rv in graph.dependents]
     chunkable = graph.n_obs > max(1, graph.n_components)
-    found = observed + (_covariates(graph, {v for _, v in observed}) if chunkable else [])
-    names = [name for name, _ in found]
+    found = observed + (_covariates(graph, {v for _, v, _ in observed}) if chunkable else [])
+    names = [name for name, _, _ in found]
     if len(set(names)) != len(names):
         raise ValueError(f"data names {names} repeat; give each pm.Data its own name.")
     fixed = [(rv.name, model.rvs_to_values[rv]) for rv in graph.other_observed]
     return DataSpec(
         names=tuple(names),
-        leaves=tuple(leaf for _, leaf in found),
-        inputs=tuple(_dynamic_input(leaf, name) for name, leaf in found),
-        observed=tuple(name for name, _ in observed),
+        leaves=tuple(leaf for _, leaf, _ in found),
+        inputs=tuple(_dynamic_input(leaf, name) for name, leaf, _ in found),
+        observed=tuple(name for name, _, _ in observed),
         fixed_names=tuple(name for name, _ in fixed),
         fixed_leaves=tuple(leaf for _, leaf in fixed),
         fixed_inputs=tuple(leaf.type(name=name) for name, leaf in fixed),
         chunkable=chunkable,
+        origins=tuple(origin for _, _, origin in found),
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pymc as pm
+import pytensor
 from pymc.distributions.mixture import MixtureRV
 from pymc.exceptions import NotConstantValueError
 from pymc.pytensorf import constant_fold
@@ -224,6 +225,7 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
     if model is not None and not isinstance(model, pm.Model):
         raise TypeError(f"model must be a pm.Model or None, got {type(model).__name__}.")
     model = pm.modelcontext(model)
+    _check_float64()
     _check_observed_finite(model)
     target = _find_target(model, latent)
     if target in model.observed_RVs:
@@ -241,6 +243,18 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
             "observations; use fewer components (n_components <= N)."
         )
     return graph
+
+
+def _check_float64() -> None:
+    """ppl_em's passes, statistics and tolerances are float64 arithmetic; a model built
+    under float32 would fail deep inside PyTensor's compiler instead."""
+    floatx = pytensor.config.floatX
+    if floatx != "float64":
+        raise ModelStructureError(
+            f"pytensor.config.floatX is {floatx!r}; ppl_em computes in float64. Set "
+            "pytensor.config.floatX = 'float64' (or PYTENSOR_FLAGS=floatX=float64) before "
+            "building the model."
+        )
 
 
 def _check_potentials(model: pm.Model, label: TensorVariable) -> None:

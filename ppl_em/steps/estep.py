@@ -73,7 +73,9 @@ def e_step(
     n x K log-responsibilities. Raises :class:`DataError` naming the first observation
     that no component can produce."""
     fused = _pass(functions)
-    with one_blas_thread(functions.blas):
+    # The rows may be the compiled function's own buffers: read them before anyone
+    # (another thread included) calls it again.
+    with one_blas_thread(functions.blas), functions.rows.lock:
         rows = functions.rows(u, *chunk.arrays)
         log_resp, loglik, nk, s = fused(rows, chunk.columns, keep_resp)
         if not np.isfinite(loglik):
@@ -86,7 +88,7 @@ def e_step(
 def joint(functions: EMFunctions, u: np.ndarray, chunk: DataChunk | None = None) -> np.ndarray:
     """The n x K matrix ``log p(x_i, z_i = k | theta)`` over ``chunk`` (default: all data)."""
     arrays = functions.data if chunk is None else chunk.arrays
-    with one_blas_thread(functions.blas):
+    with one_blas_thread(functions.blas), functions.rows.lock:
         return np.stack(functions.rows(u, *arrays), axis=1)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import minimize
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.errors import ClosedFormUnavailableError
@@ -22,7 +21,7 @@ from ppl_em.model.recognise import ClosedFormPlan
 from ppl_em.options import MSTEPS
 from ppl_em.steps.closed_form import Batches, closed_form_update
 from ppl_em.steps.columns import StatsRequest, stats_request
-from ppl_em.steps.estep import q_and_grad, whole_data
+from ppl_em.steps.estep import whole_data
 from ppl_em.steps.mvn_solve import (
     MvnUpdate,
     compile_update,
@@ -30,6 +29,7 @@ from ppl_em.steps.mvn_solve import (
     moments_two_pass,
     solve_params,
 )
+from ppl_em.steps.numeric import maximise_q
 from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
 
 # A numeric M-step stops once the gradient of Q has shrunk by this factor (a
@@ -137,49 +137,16 @@ def closed_step(functions, config: MStepConfig, u: np.ndarray, ex: Expectations)
 
 
 def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, batches: Batches):
-    """Increase Q over the numeric variables by L-BFGS, warm-started at ``u``.
-
-    Stops once the gradient norm is ``config.grad_reduction`` times its starting value
-    (a generalised M-step; 0 runs to ``gtol``, Q's maximiser) or after ``maxiter``.
-    """
+    """Increase Q over the numeric variables (:func:`ppl_em.steps.numeric.maximise_q`),
+    warm-started at ``u``; ``config.grad_reduction`` 0 gives Q's maximiser."""
     mask = config.numeric_mask
     if not mask.any():
         return u
-    full = u.copy()
-    seen = {"grad": None, "best": (np.inf, None)}
-
-    def negative_q(sub: np.ndarray):
-        full[mask] = sub
-        q, grad = q_and_grad(functions, full, batches())
-        if not np.isfinite(q):
-            return np.inf, np.zeros_like(sub)
-        seen["grad"] = grad[mask]
-        if -q < seen["best"][0]:
-            # Kept apart from L-BFGS's own answer: when Q is unbounded (a collapsing
-            # component) the run can end on a non-finite point after finite progress.
-            seen["best"] = (-float(q), sub.copy())
-        return -float(q), -grad[mask]
-
-    start = u[mask]
-    f0, g0 = negative_q(start)
-    enough = config.grad_reduction * np.linalg.norm(g0)
-
-    def callback(intermediate_result):
-        # L-BFGS-B's line search ends by evaluating the accepted point.
-        if np.linalg.norm(seen["grad"]) <= enough:
-            raise StopIteration
-
-    minimize(
-        negative_q,
-        start,
-        jac=True,
-        method="L-BFGS-B",
-        callback=callback,
-        options={"maxiter": config.maxiter, "gtol": config.gtol, "ftol": 1e-15},
+    found = maximise_q(
+        functions, u, mask, batches, config.grad_reduction, config.maxiter, config.gtol
     )
-    f_best, best = seen["best"]
     out = u.copy()
-    out[mask] = best if best is not None and f_best <= f0 else start
+    out[mask] = found.values
     return out
 
 

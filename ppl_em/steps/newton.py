@@ -1,0 +1,139 @@
+"""Damped Newton ascent on Q for small numeric blocks, with a finite-difference Hessian.
+
+Newton's method is invariant to affine changes of the variables, so the units of the
+data (a mean in units of 1e8 beside a log-scale) do not matter to it, and near Q's
+maximum it converges quadratically: an exact M-step costs a handful of Hessians. The
+Hessian comes from forward differences of Q's compiled gradient (one gradient per
+variable), which is affordable for the small blocks a mixture's numeric M-step has.
+
+Everything is measured in coordinates scaled by the Hessian's diagonal, where Q's
+curvature is 1 along each variable: the Newton decrement ``sqrt(g' (-H)^-1 g)`` is then
+about the number of standard errors (under Q) between the point and Q's maximum, and
+the eigenvalue floor that keeps a non-concave Hessian usable is unit-free.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# Eigenvalues of the scaled, negated Hessian below this are raised to it: a direction
+# along which Q is flat or convex gets a bounded step instead of an infinite one.
+EIGEN_FLOOR = 1e-8
+# The line search halves the Newton step at most this many times, and doubles a full
+# step that raises Q at most this many times.
+HALVINGS = 60
+DOUBLINGS = 30
+# Longest step, in standard errors (scaled coordinates): where Q is nearly linear
+# (far from its maximum, in a log-scale's direction) the floored eigenvalue would
+# otherwise ask for an astronomically long one.
+MAX_STEP = 1e4
+
+
+class NewtonResult(NamedTuple):
+    values: np.ndarray
+    moved: bool
+    start_decrement: float
+
+
+def _column(evaluate, x: np.ndarray, grad: np.ndarray, i: int) -> np.ndarray:
+    """``dgrad / dx_i`` by a forward difference of about 1e-4 standard errors of ``x_i``
+    (``1e-4 / sqrt(|d2Q/dx_i^2|)``): a step fixed in ``x``'s units would be far too long
+    for a mean measured in units of 1e-8, and the cross-derivatives would be wrong. The
+    step starts at ``1e-5 * max(1, |x_i|)``, grows until the gradient's change stands
+    clear of its rounding, shrinks where Q is not finite, and is then set to that size."""
+    step, settled = 1e-5 * max(1.0, abs(x[i])), False
+    for _ in range(10):
+        moved = x.copy()
+        moved[i] += step
+        q, grad_i = evaluate(moved)
+        if not np.isfinite(q):
+            step /= 1e3
+            continue
+        change = grad_i - grad
+        if not abs(change[i]) > 1e-8 * abs(grad[i]):
+            step *= 1e3
+            continue
+        ideal = 1e-4 / np.sqrt(abs(change[i]) / step)
+        if settled or ideal >= 0.1 * step:
+            return change / step
+        step, settled = ideal, True
+    return np.zeros_like(grad)
+
+
+def hessian(evaluate, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """Q's Hessian at ``x``, symmetrised, from ``evaluate(x) -> (Q, grad)``."""
+    h = np.stack([_column(evaluate, x, grad, i) for i in range(x.size)], axis=1)
+    return 0.5 * (h + h.T)
+
+
+def newton_direction(h: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, float]:
+    """The ascent direction ``(-H)^-1 g`` (with -H's eigenvalues floored in the scaled
+    coordinates) and the Newton decrement. Non-finite Hessian entries (a component
+    collapsing onto a point) count as 0: that direction then gets a gradient step."""
+    h = np.where(np.isfinite(h), h, 0.0)
+    grad = np.where(np.isfinite(grad), grad, 0.0)
+    diag = np.abs(np.diag(h))
+    usable = np.isfinite(diag) & (diag > 0)
+    scale = np.where(usable, 1.0 / np.sqrt(np.where(usable, diag, 1.0)), 1.0)
+    neg = -(scale[:, None] * h * scale[None, :])
+    values, vectors = np.linalg.eigh(0.5 * (neg + neg.T))
+    values = np.maximum(values, EIGEN_FLOOR)
+    g = scale * grad
+    step = vectors @ ((vectors.T @ g) / values)
+    decrement = float(np.sqrt(max(g @ step, 0.0)))
+    length = float(np.linalg.norm(step))
+    if length > MAX_STEP:
+        step *= MAX_STEP / length
+    return scale * step, decrement
+
+
+def newton_maximise(
+    evaluate,
+    probe,
+    start: np.ndarray,
+    grad_reduction: float,
+    max_iter: int = 100,
+    tol: float = 1e-9,
+) -> NewtonResult:
+    """Damped Newton from ``start`` until the decrement has shrunk by ``grad_reduction``
+    (0: below ``tol``, Q's maximiser); each step is halved until Q rises. ``evaluate``
+    and ``probe`` both give ``(Q, grad)``; the Hessian's difference points go to
+    ``probe``."""
+    x = start
+    q, grad = evaluate(x)
+    first = None
+    for _ in range(max_iter):
+        direction, decrement = newton_direction(hessian(probe, x, grad), grad)
+        first = decrement if first is None else first
+        if decrement <= max(grad_reduction * first, tol):
+            break
+        found = _line_search(evaluate, x, q, direction)
+        if found is None:
+            break
+        x, q, grad = found
+    return NewtonResult(x, x is not start, 0.0 if first is None else first)
+
+
+def _line_search(evaluate, x, q, direction):
+    """``(x', Q', grad')`` along the Newton step: halved until Q rises; when the full
+    step already raises it, doubled while Q keeps rising (far from the maximum along a
+    log-scale, Newton's step is a fixed fraction of the way, and doubling covers the
+    rest in a few evaluations instead of dozens of iterations)."""
+    t = 1.0
+    for _ in range(HALVINGS):
+        q_new, grad_new = evaluate(x + t * direction)
+        if np.isfinite(q_new) and q_new > q:
+            break
+        t *= 0.5
+    else:
+        return None
+    best = (x + t * direction, q_new, grad_new)
+    for _ in range(DOUBLINGS if t == 1.0 else 0):
+        t *= 2.0
+        q_far, grad_far = evaluate(x + t * direction)
+        if not (np.isfinite(q_far) and q_far > best[1]):
+            break
+        best = (x + t * direction, q_far, grad_far)
+    return best
