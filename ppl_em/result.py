@@ -134,8 +134,24 @@ class EMResult:
         rows = joint(functions, u)
         return rows - np.logaddexp.reduce(rows, axis=1, keepdims=True)
 
+    def _dims(self) -> tuple[dict, dict, list[str]]:
+        """The model's coords, each parameter's dims, and ``lp_<label>``'s dims: the
+        label's (or the observed variable's) first dim, then the weights' dim."""
+        graph = self.prepared.functions.graph
+        model = graph.model
+        named = {k: v for k, v in model.named_vars_to_dims.items() if v}
+        coords = {k: list(v) for k, v in model.coords.items() if v is not None}
+        dims = {name: list(named[name]) for name in self.params if name in named}
+        owner = graph.label_name if graph.kind == "label" else graph.dependents[0].name
+        obs = named.get(owner, (f"{self.label_name}_dim_0",))[0]
+        weights = [d for name, d in dims.items() if len(d) == 1 and model[name].ndim == 1
+                   and np.size(self.params[name]) == self.n_components]  # fmt: skip
+        component = weights[0][0] if weights else f"lp_{self.label_name}_dim"
+        return coords, dims, [obs, component]
+
     def to_inference_data(self) -> az.InferenceData:
-        """The estimate as one chain with one draw, plus ``lp_<label>``.
+        """The estimate as one chain with one draw, plus ``lp_<label>``, with the model's
+        coords and dims.
 
         ``lp_<label>`` holds the log-responsibilities with the label's domain as the last
         dimension, as pymc-extras' ``recover_marginals`` stores them.
@@ -143,8 +159,9 @@ class EMResult:
         lp_name = f"lp_{self.label_name}"
         posterior = {name: np.asarray(v)[None, None] for name, v in self.params.items()}
         posterior[lp_name] = self.log_resp[None, None]
-        dims = {lp_name: [f"{self.label_name}_dim_0", f"{lp_name}_dim"]}
-        idata = az.from_dict(posterior=posterior, dims=dims)
+        coords, dims, lp_dims = self._dims()
+        dims[lp_name] = lp_dims
+        idata = az.from_dict(posterior=posterior, dims=dims, coords=coords)
         idata.posterior.attrs.update(
             inference_library="ppl_em",
             mode=self.mode,

@@ -5,18 +5,25 @@ log posterior) written directly with SciPy densities in a full-rank constrained
 parameterisation (w_1 instead of the simplex, mu, sigma as they are). At the mode the
 gradient vanishes, so inverting that Hessian gives the same covariance as ppl_em's
 unconstrained Hessian mapped by the delta method; the two code paths share nothing.
+
+The default method, Louis' identity on EM's compiled rows ("louis"), is also checked
+against the older central differences of the PyTensor gradient ("gradient") on models of
+both forms, closed-form and numeric M-steps and an MvNormal; against closed forms; its
+information matrix against a hand-written NumPy marginal log posterior; and for units.
 """
 
 import numpy as np
 import pymc as pm
+import pytensor
 import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
 import ppl_em
-from models import coin, poisson_counts
+from models import coin, gaussian_2d, poisson_counts, regression_mixture
 from ppl_em import NotIdentifiedError
-from ppl_em.inference.stderr import covariance, standard_errors
+from ppl_em.inference.information import louis_information
+from ppl_em.inference.stderr import covariance, curvature, standard_errors
 
 
 def fd_hessian(f, x, rel=1e-4):
@@ -42,13 +49,18 @@ def reference_se(f, x):
 
 # The exact PyTensor Hessian of a label model takes minutes to compile on a loaded
 # machine, so that combination runs with the slow tests.
-METHODS = ["gradient", pytest.param("exact", marks=pytest.mark.slow)]
+METHODS = ["louis", "gradient", pytest.param("exact", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def poisson_mle_fit():
+    x = poisson_counts.default_data(n=250, seed=5)
+    return x, ppl_em.fit(poisson_counts.build_model(x), mode="mle", tol=1e-12, progressbar=False)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_poisson_mle_se_matches_finite_difference_hessian(method):
-    x = poisson_counts.default_data(n=250, seed=5)
-    res = ppl_em.fit(poisson_counts.build_model(x), mode="mle", tol=1e-12, progressbar=False)
+def test_poisson_mle_se_matches_finite_difference_hessian(poisson_mle_fit, method):
+    x, res = poisson_mle_fit
     se = standard_errors(res, method)
 
     def loglik(theta):
@@ -83,7 +95,7 @@ def normal_mixture_fit():
     return x, ppl_em.fit(model, tol=1e-12, progressbar=False)
 
 
-@pytest.mark.parametrize("method", ["exact", "gradient"])
+@pytest.mark.parametrize("method", ["louis", "exact", "gradient"])
 def test_normal_mixture_map_se_matches_finite_difference_hessian(normal_mixture_fit, method):
     x, res = normal_mixture_fit
     se = standard_errors(res, method)
@@ -115,3 +127,180 @@ def test_unidentified_estimate_raises_naming_the_weights():
         standard_errors(res, "gradient")
     with pytest.raises(ValueError, match="method='hessian'"):
         standard_errors(res, "hessian")
+
+
+def test_louis_is_the_default_and_raises_on_the_unidentified_seed_fit():
+    res = ppl_em.fit(coin.build_model(), progressbar=False)
+    assert np.ptp(res.params["p"]) < 1e-3
+    with pytest.raises(NotIdentifiedError, match=r"w_simplex__"):
+        standard_errors(res)
+    with pytest.raises(NotIdentifiedError, match=r"w_simplex__"):
+        standard_errors(res, "louis")
+
+
+def _assert_same_se(a, b, rtol):
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def regression_fit():
+    # Label model whose means are not plain component parameters: numeric M-step.
+    return ppl_em.fit(regression_mixture.build_model(), tol=1e-12, progressbar=False)
+
+
+@pytest.fixture(scope="module")
+def mvnormal_fit():
+    # MvNormal components, full covariances from (sigma, rho): the closed-form MvNormal
+    # block under mode="mle".
+    x = gaussian_2d.default_data(n=200, seed=7)
+    return ppl_em.fit(gaussian_2d.build_model(x), mode="mle", tol=1e-12, progressbar=False)
+
+
+@pytest.mark.parametrize(
+    "fit_name", ["poisson_mle_fit", "normal_mixture_fit", "regression_fit", "mvnormal_fit"]
+)
+def test_louis_matches_gradient_differences(fit_name, request):
+    """Label (Poisson, regression, MvNormal) and pm.Mixture (NormalMixture) forms;
+    closed-form (Poisson, NormalMixture, MvNormal) and numeric (regression) M-steps."""
+    fitted = request.getfixturevalue(fit_name)
+    res = fitted[1] if isinstance(fitted, tuple) else fitted
+    if fit_name == "regression_fit":
+        assert res.prepared.config.numeric_mask.any()
+    louis, gradient = curvature(res, "louis"), curvature(res, "gradient")
+    # The same matrix, entry by entry in units of the complete-data information (both
+    # methods are within about 1e-10 of the exact Hessian) ...
+    unit = np.outer(louis.scale, louis.scale)
+    assert np.max(np.abs(louis.hessian - gradient.hessian) / unit) < 1e-8
+    # ... the same gradient by Fisher's identity (~0 at the mode), the same objective ...
+    assert np.max(np.abs(louis.gradient - gradient.gradient) / louis.scale) < 1e-8
+    np.testing.assert_allclose(louis.objective, res.objective, rtol=1e-12)
+    # ... and the same standard errors.
+    _assert_same_se(standard_errors(res), standard_errors(res, "gradient"), rtol=1e-4)
+
+
+def _single_component(observed_dist, x, **params):
+    """K=1 label model: ``observed_dist("x", **{name: var[z]}, observed=x)``."""
+    with pm.Model() as model:
+        made = {name: make() for name, make in params.items()}
+        z = pm.Categorical("z", p=np.array([1.0]), shape=len(x))
+        observed_dist("x", **{name: v[z] for name, v in made.items()}, observed=x)
+    return model
+
+
+def test_single_normal_component_has_textbook_standard_errors():
+    # The MLE of one Normal: SE(mu) = sigma / sqrt(N), SE(sigma) = sigma / sqrt(2N) exactly
+    # (the observed information at the MLE equals the expected one, no cross term).
+    x = np.random.default_rng(3).normal(2.0, 1.5, size=200)
+    model = _single_component(
+        pm.Normal,
+        x,
+        mu=lambda: pm.Normal("mu", 0.0, 10.0, shape=1),
+        sigma=lambda: pm.HalfNormal("sigma", 5.0, shape=1),
+    )
+    res = ppl_em.fit(model, mode="mle", tol=1e-14, gap_tol=1e-12, progressbar=False)
+    sigma = np.std(x)
+    np.testing.assert_allclose(res.params["sigma"], [sigma], rtol=1e-8)
+    se = standard_errors(res)
+    np.testing.assert_allclose(se["mu"], [sigma / np.sqrt(x.size)], rtol=1e-6)
+    np.testing.assert_allclose(se["sigma"], [sigma / np.sqrt(2 * x.size)], rtol=1e-6)
+
+
+def test_single_binomial_and_poisson_components_have_textbook_standard_errors():
+    rng = np.random.default_rng(4)
+    heads = rng.binomial(10, 0.3, size=150)
+    model = _single_component(
+        lambda name, **kw: pm.Binomial(name, n=10, **kw),
+        heads,
+        p=lambda: pm.Beta("p", 1.0, 1.0, shape=1),
+    )
+    res = ppl_em.fit(model, mode="mle", tol=1e-14, gap_tol=1e-12, progressbar=False)
+    p = heads.mean() / 10
+    np.testing.assert_allclose(res.params["p"], [p], rtol=1e-8)
+    np.testing.assert_allclose(
+        standard_errors(res)["p"], [np.sqrt(p * (1 - p) / (10 * heads.size))], rtol=1e-6
+    )
+    counts = rng.poisson(4.0, size=150)
+    model = _single_component(pm.Poisson, counts, mu=lambda: pm.Gamma("mu", 2.0, 0.2, shape=1))
+    res = ppl_em.fit(model, mode="mle", tol=1e-14, gap_tol=1e-12, progressbar=False)
+    np.testing.assert_allclose(
+        standard_errors(res)["mu"], [np.sqrt(counts.mean() / counts.size)], rtol=1e-6
+    )
+
+
+def test_louis_information_equals_differences_of_a_numpy_log_posterior(normal_mixture_fit):
+    """Minus the Hessian in ``u`` of the NormalMixture's marginal log posterior written
+    by hand: w = softmax([y, -y]) (PyMC's simplex transform for K=2), sigma = exp(s),
+    Normal(0, 10) and HalfNormal(5) priors without Jacobian, Dirichlet(1) constant."""
+    x, res = normal_mixture_fit
+    layout = res.prepared.functions.layout
+    assert layout.value_names == ("w_simplex__", "mu", "sigma_log__")
+
+    def logpost(u):
+        y, mu, sd = u[0], u[1:3], np.exp(u[3:5])
+        logw = np.array([y, -y]) - np.logaddexp(y, -y)
+        comps = (
+            logw[:, None]
+            - 0.5 * ((x - mu[:, None]) / sd[:, None]) ** 2
+            - np.log(sd[:, None] * np.sqrt(2 * np.pi))
+        )
+        prior = np.sum(-0.5 * (mu / 10.0) ** 2) + np.sum(-0.5 * (sd / 5.0) ** 2)
+        return np.sum(np.logaddexp(comps[0], comps[1])) + prior
+
+    u = np.asarray(res.unconstrained)
+    # The hand-written transforms are PyMC's: the same constrained values.
+    w = np.exp(np.array([u[0], -u[0]]) - np.logaddexp(u[0], -u[0]))
+    np.testing.assert_allclose(w, res.params["w"], rtol=1e-12)
+    np.testing.assert_allclose(np.exp(u[3:5]), res.params["sigma"], rtol=1e-12)
+    # Central second differences with Richardson's extrapolation: about 3e-9 here.
+    hessian = (4 * fd_hessian(logpost, u, rel=3e-3) - fd_hessian(logpost, u, rel=6e-3)) / 3
+    louis = curvature(res, "louis")
+    unit = np.outer(louis.scale, louis.scale)
+    assert np.max(np.abs(-louis.hessian + hessian) / unit) < 1e-7
+
+
+@pytest.mark.parametrize("c", [1e-6, 1e6])
+def test_louis_standard_errors_follow_the_data_units(normal_mixture_fit, c):
+    """A fit on c * x: the weights' SEs unchanged, the means' and scales' times c."""
+    x, _ = normal_mixture_fit
+
+    def se_of(scale):
+        with pm.Model() as model:
+            w = pm.Dirichlet("w", a=np.ones(2))
+            mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+            sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+            pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=scale * x)
+        # The same start in the data's units: the same EM path, the same component order.
+        start = {"w": [0.5, 0.5], "mu": [-scale, scale], "sigma": [scale, scale]}
+        res = ppl_em.fit(
+            model, mode="mle", start=start, tol=1e-14, gap_tol=1e-12, progressbar=False
+        )
+        return res.params, standard_errors(res)
+
+    params, se = se_of(1.0)
+    params_c, se_c = se_of(c)
+    np.testing.assert_allclose(params_c["mu"], c * params["mu"], rtol=1e-7)
+    np.testing.assert_allclose(se_c["w"], se["w"], rtol=1e-6)
+    np.testing.assert_allclose(se_c["mu"], c * se["mu"], rtol=1e-6)
+    np.testing.assert_allclose(se_c["sigma"], c * se["sigma"], rtol=1e-6)
+
+
+def test_louis_over_chunks_equals_the_whole_data(poisson_mle_fit):
+    _, res = poisson_mle_fit
+    _assert_same_se(standard_errors(res, chunk_size=37), standard_errors(res), rtol=1e-8)
+    louis, whole = louis_information(res.prepared.functions, res.unconstrained, 37), curvature(res)
+    np.testing.assert_allclose(louis.observed, -whole.hessian, rtol=1e-8)
+
+
+def test_louis_compiles_nothing(monkeypatch):
+    # A closed-form fit has compiled its rows, fixed terms and transforms, not Q's
+    # gradient; the standard errors must not compile anything (no C compilation).
+    res = ppl_em.fit(poisson_counts.build_model(), progressbar=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("standard_errors compiled a PyTensor function")
+
+    monkeypatch.setattr(pytensor, "function", refuse)
+    se = standard_errors(res)
+    assert all(np.all(np.isfinite(v)) for v in se.values())

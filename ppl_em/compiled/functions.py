@@ -76,8 +76,9 @@ class EMFunctions(NamedTuple):
         return {name: data[name] for name in self.spec.observed}
 
     def observed_columns(self) -> np.ndarray:
-        """The observed values the label explains, as an (N, d) float array."""
-        n = self.data[0].shape[0]
+        """The observed values the labels explain, as an (N, d) float array (one row per
+        label: per element for a ``pm.Mixture`` over (N, J) data)."""
+        n = self.data[0].shape[0] * self.graph.labels_per_row
         cols = [np.asarray(x, dtype=float).reshape(n, -1) for x in self.observed().values()]
         return np.concatenate(cols, axis=1)
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 import pytensor.tensor as pt
 from pymc.logprob.utils import CheckParameterValue
-from pytensor.graph.replace import graph_replace
-from pytensor.graph.traversal import ancestors, applys_between, graph_inputs
+from pytensor.graph.basic import Constant, clone_get_equiv
+from pytensor.graph.fg import FunctionGraph
+from pytensor.graph.traversal import ancestors, graph_inputs
 from pytensor.scalar import TrueDiv
 from pytensor.tensor import TensorVariable
 from pytensor.tensor.blockwise import Blockwise
@@ -77,16 +78,26 @@ def _as_product(node) -> TensorVariable | None:
     return pt.shape_padleft(product, out.ndim - product.ndim).astype(out.dtype)
 
 
+def _fgraph(outputs: list[TensorVariable]) -> FunctionGraph:
+    """A copy of the graph of ``outputs`` (same inputs) to rewrite in place: the rows'
+    graph is shared with Q's, which keeps PyMC's checks."""
+    inputs = [v for v in graph_inputs(outputs) if not isinstance(v, Constant)]
+    equiv = clone_get_equiv(inputs, outputs, copy_inputs=False, copy_orphans=False)
+    return FunctionGraph(inputs, [equiv[o] for o in outputs], clone=False)
+
+
 def _replace_nodes(outputs: list[TensorVariable], rule) -> list[TensorVariable]:
-    """``outputs`` with each node's output replaced by ``rule(node)`` where not None."""
-    replace = {}
-    for node in applys_between(list(graph_inputs(outputs)), outputs):
+    """``outputs`` with each node's output replaced by ``rule(node)`` where not None.
+    One node at a time, in order: replacements may nest (a division inside a division),
+    which a single ``graph_replace`` of them all cannot take."""
+    fg = _fgraph(outputs)
+    for node in fg.toposort():
+        if node not in fg.apply_nodes:
+            continue
         new = rule(node)
         if new is not None:
-            replace[node.outputs[0]] = new
-    if not replace:
-        return outputs
-    return graph_replace(outputs, replace, strict=False)
+            fg.replace(node.outputs[0], new, import_missing=True)
+    return list(fg.outputs)
 
 
 def solves_as_products(outputs: list[TensorVariable]) -> list[TensorVariable]:
@@ -124,20 +135,18 @@ def checks_as_flags(
     """The rows without their single-value parameter checks and divisions by single
     values, and one boolean flag per row: False where a removed check of that row fails
     (the caller then sets the row to ``-inf``)."""
-    rows = _replace_nodes(rows, _division_as_product)
+    fg = _fgraph(_replace_nodes(rows, _division_as_product))
+    k = len(rows)
     checks = {}
-    for node in applys_between(list(graph_inputs(rows)), rows):
+    for node in fg.toposort():
         found = _scalar_check(node)
         if found is not None:
             checks[node.outputs[0]] = found
-    if not checks:
-        return rows, [pt.constant(True) for _ in rows]
-    flags = []
-    for row in rows:
+    for row in list(fg.outputs):
         above = set(ancestors([row]))
         mine = [cond for out, (_, cond) in checks.items() if out in above]
-        flags.append(pt.all(mine) if mine else pt.constant(True))
-    unchecked = {out: expr for out, (expr, _) in checks.items()}
-    rows = graph_replace(rows, unchecked, strict=False)
-    flags = graph_replace(flags, unchecked, strict=False)
-    return rows, flags
+        fg.add_output(pt.all(mine) if mine else pt.constant(True), import_missing=True)
+    for out, (expr, _) in checks.items():
+        if out in fg.variables:
+            fg.replace(out, expr, import_missing=True)
+    return list(fg.outputs[:k]), list(fg.outputs[k:])

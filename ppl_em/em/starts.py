@@ -1,9 +1,10 @@
 """Starting points: the user's ``start`` or a data-driven, non-symmetric default.
 
 Identical components are a fixed point of EM, and PyMC's default initial point makes
-all components identical. The default start therefore partitions the observations
-(quantiles along the data's first principal axis; k-means++ seeds for restarts),
-turns the partition into soft responsibilities and takes one M-step from them.
+all components identical. The default start therefore partitions the observations by
+k-means on their standardised features (scikit-learn's default initialisation;
+restarts draw other k-means++ seeds), turns the partition into soft responsibilities
+and takes one exact M-step from them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
+from ppl_em.em.kmeans import kmeans
 from ppl_em.errors import DataError, StartError
 from ppl_em.steps.estep import joint
 from ppl_em.steps.mstep import MStepConfig, m_step_from_resp
@@ -35,22 +37,14 @@ def data_features(functions: EMFunctions) -> np.ndarray:
 
 
 def partition(features: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Hard labels: quantile blocks along the first principal axis, or k-means++ seeds."""
-    n = features.shape[0]
-    if rng is None:
-        _, _, vt = np.linalg.svd(features - features.mean(axis=0), full_matrices=False)
-        order = np.argsort(features @ vt[0], kind="stable")
-        labels = np.empty(n, dtype=int)
-        labels[order] = np.arange(n) * k // n
-        return labels
-    centres = [features[rng.integers(n)]]
-    for _ in range(1, k):
-        d2 = np.min([np.sum((features - c) ** 2, axis=1) for c in centres], axis=0)
-        total = d2.sum()
-        probs = d2 / total if total > 0 else np.full(n, 1.0 / n)
-        centres.append(features[rng.choice(n, p=probs)])
-    dist = np.stack([np.sum((features - c) ** 2, axis=1) for c in centres], axis=1)
-    return np.argmin(dist, axis=1)
+    """Hard labels by k-means (k-means++ seeds, Lloyd's iterations) on the standardised
+    features; ``rng`` None seeds k-means++ with 0, so the default start is reproducible.
+    The features are put in a canonical (sorted) order first: the start, and so the
+    estimate, then do not depend on the order of the observations."""
+    order = np.lexsort(features.T[::-1])
+    labels = np.empty(features.shape[0], dtype=int)
+    labels[order] = kmeans(features[order], k, np.random.default_rng(0) if rng is None else rng)
+    return labels
 
 
 def soft_responsibilities(labels: np.ndarray, k: int) -> np.ndarray:

@@ -37,7 +37,9 @@ def em_data(
     """The data ``functions`` hold, whole or in chunks of ``chunk_size`` observations,
     with the statistics columns ``config``'s closed-form blocks ask for (built once)."""
     plan = _NO_PLAN if config is None else config.plan
-    request = stats_request(plan, functions.data_names, functions.data)
+    request = stats_request(
+        plan, functions.data_names, functions.data, functions.graph.labels_per_row
+    )
     if chunk_size is None:
         return EMData((whole_data(functions, request),), request)
     if not functions.spec.chunkable:

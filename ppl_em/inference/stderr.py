@@ -8,6 +8,14 @@ method maps it to the constrained space with the Jacobian ``J = d theta / d u`` 
 backward transforms: ``Cov(theta) = J Cov(u) J^T``. Because the gradient vanishes at the
 mode, this equals inverting the Hessian in any full-rank parameterisation, and it gives
 every element of a simplex (K weights from K - 1 free coordinates) its own SE.
+
+Three ways to the Hessian (``method``): ``"louis"`` (the default) is Louis' identity
+on finite differences of EM's compiled rows (:mod:`ppl_em.inference.information`),
+with each variable's step in its own standard error, so it holds in any units and
+compiles nothing; ``"gradient"`` takes central differences of the exact marginal
+gradient (Fisher's identity on Q's compiled gradient, which it compiles to C on first
+use); ``"exact"`` compiles the full PyTensor Hessian. The last two are the independent
+checks of the first.
 """
 
 from __future__ import annotations
@@ -19,21 +27,31 @@ import numpy as np
 from ppl_em.compiled.curvature import compile_curvature
 from ppl_em.compiled.layout import FlatLayout, element_names
 from ppl_em.errors import NotIdentifiedError
+from ppl_em.inference.information import louis_information
 from ppl_em.result import EMResult
 from ppl_em.steps.estep import e_step, q_and_grad, whole_data
 
 # Relative size below which an eigenvalue of the observed information counts as zero:
 # well above float64 round-off of a Hessian built from O(N) terms.
 EIG_RTOL = 1e-9
+# For method="louis", the same in coordinates scaled to unit complete-data information
+# (unit-free; the scaled observed information has a diagonal of at most 1): an
+# eigenvalue below this keeps under 1e-7 of the complete data's information along its
+# direction. Well above the method's error there (about 1e-10, 1e-9 at worst).
+LOUIS_FLAT = 1e-7
 
 
 class Curvature(NamedTuple):
-    """Objective, gradient, Hessian (in ``u``) and Jacobian of the constrained values."""
+    """Objective, gradient, Hessian (in ``u``) and Jacobian of the constrained values;
+    for ``method="louis"`` also each coordinate's complete-data standard deviation
+    scale (``sqrt`` of the complete information's diagonal), the units the definiteness
+    check and the inversion work in."""
 
     objective: float
     gradient: np.ndarray
     hessian: np.ndarray
     jacobian: np.ndarray
+    scale: np.ndarray | None = None
 
 
 def _marginal_gradient(result: EMResult, u: np.ndarray) -> np.ndarray:
@@ -66,28 +84,39 @@ def _constrained_flat(result: EMResult, u: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ravel(v) for v in constrain(u)]).astype(float)
 
 
-def curvature(result: EMResult, method: str = "gradient") -> Curvature:
+def curvature(result: EMResult, method: str = "louis", chunk_size: int | None = None) -> Curvature:
     """The objective's derivatives at the EM estimate ``result.unconstrained``.
 
-    ``method="exact"`` compiles the PyTensor Hessian graph (slow to compile for label
-    models: tens of seconds); ``"gradient"`` takes central differences of the exact
-    PyTensor gradient (Fisher's identity on EM's compiled functions, no compilation),
-    which agrees with the exact Hessian to about 1e-7 relative.
+    ``method="louis"`` uses Louis' identity on finite differences of EM's compiled rows
+    (no compilation; over the data in chunks of ``chunk_size`` observations, default
+    bounded by memory); ``"exact"`` compiles the PyTensor Hessian graph (slow to compile
+    for label models: tens of seconds); ``"gradient"`` takes central differences of the
+    exact PyTensor gradient (Fisher's identity on EM's compiled Q gradient, compiled on
+    first use), which agrees with the exact Hessian to about 1e-7 relative.
     """
     u = np.asarray(result.unconstrained, dtype=float)
-    if method == "exact":
+    scale = None
+    if method == "louis":
+        info = louis_information(result.prepared.functions, u, chunk_size)
+        obj, gradient, hess = info.objective, info.gradient, -info.observed
+        scale = np.sqrt(np.abs(np.diag(info.complete)))
+    elif method == "exact":
         functions = result.prepared.functions
         curvature_fn = compile_curvature(functions)
         obj, gradient, hess, jac = curvature_fn(u, *functions.data, *functions.fixed_data)
     elif method == "gradient":
         gradient = _marginal_gradient(result, u)
         hess = _central_jacobian(lambda v: _marginal_gradient(result, v), u)
-        jac = _central_jacobian(lambda v: _constrained_flat(result, v), u)
         obj = result.history[-1]
     else:
-        raise ValueError(f"method={method!r} is not 'exact' (PyTensor Hessian) or 'gradient'.")
+        raise ValueError(
+            f"method={method!r} is not 'louis' (Louis' identity on EM's rows), 'gradient' "
+            "(differences of the PyTensor gradient) or 'exact' (PyTensor Hessian)."
+        )
+    if method != "exact":
+        jac = _central_jacobian(lambda v: _constrained_flat(result, v), u)
     hess = 0.5 * (hess + hess.T)  # symmetrise away round-off of the two derivative passes
-    return Curvature(float(obj), np.asarray(gradient), np.asarray(hess), np.asarray(jac))
+    return Curvature(float(obj), np.asarray(gradient), np.asarray(hess), np.asarray(jac), scale)
 
 
 def _element_names(layout: FlatLayout) -> list[str]:
@@ -99,11 +128,17 @@ def _element_names(layout: FlatLayout) -> list[str]:
     return names
 
 
-def _check_definite(info: np.ndarray, layout: FlatLayout) -> None:
-    """Raise NotIdentifiedError naming the coordinates of the flat directions."""
-    eigval, eigvec = np.linalg.eigh(info)
-    scale = max(1.0, float(np.max(np.abs(eigval))))
-    flat = eigval <= EIG_RTOL * scale
+def _check_definite(info: np.ndarray, layout: FlatLayout, scale=None) -> None:
+    """Raise NotIdentifiedError naming the coordinates of the flat directions: relative
+    to the largest eigenvalue (``EIG_RTOL``), or, given each coordinate's ``scale``, in
+    coordinates scaled by it (``LOUIS_FLAT``), which makes the test unit-free."""
+    if scale is None:
+        eigval, eigvec = np.linalg.eigh(info)
+        limit = EIG_RTOL * max(1.0, float(np.max(np.abs(eigval))))
+    else:
+        eigval, eigvec = np.linalg.eigh(info / np.outer(scale, scale))
+        limit = LOUIS_FLAT
+    flat = eigval <= limit
     if not flat.any():
         return
     names = _element_names(layout)
@@ -112,21 +147,30 @@ def _check_definite(info: np.ndarray, layout: FlatLayout) -> None:
     raise NotIdentifiedError(
         "the Hessian of the marginal log posterior at the EM estimate is not negative "
         f"definite (smallest eigenvalue of the observed information {eigval.min():.3g}, "
-        f"largest {eigval.max():.3g}); the data do not identify the unconstrained "
+        f"largest {eigval.max():.3g}{'' if scale is None else ', in complete-data units'}); "
+        f"the data do not identify the unconstrained "
         f"coordinates {culprits} at this estimate (typically two components are equal or "
         "one is empty, or EM stopped at a saddle). Refit with other starts (n_init > 1), "
         "fewer components, or more informative priors before asking for standard errors."
     )
 
 
-def covariance(result: EMResult, method: str = "gradient") -> tuple[list[str], np.ndarray]:
+def _unit_scale(scale: np.ndarray) -> np.ndarray:
+    """``scale`` with 1 where it is not positive and finite (a coordinate that moves
+    nothing: the definiteness check names it)."""
+    return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+
+
+def covariance(
+    result: EMResult, method: str = "louis", chunk_size: int | None = None
+) -> tuple[list[str], np.ndarray]:
     """Asymptotic covariance of the flattened constrained parameters (delta method).
 
     Returns the element names (``"w[0]"``, ``"mu[1, 0]"``, ArviZ's convention) and the
     matrix ``J (-H)^{-1} J^T``.
     """
     layout = result.prepared.functions.layout
-    curv = curvature(result, method)
+    curv = curvature(result, method, chunk_size)
     info = -curv.hessian
     if not np.all(np.isfinite(info)):
         raise NotIdentifiedError(
@@ -134,8 +178,13 @@ def covariance(result: EMResult, method: str = "gradient") -> tuple[list[str], n
             "a parameter sits on the boundary of its support (e.g. a weight of 0): refit "
             "with fewer components or a prior that keeps it inside."
         )
-    _check_definite(info, layout)
-    cov_u = np.linalg.inv(info)
+    if curv.scale is None:
+        _check_definite(info, layout)
+        cov_u = np.linalg.inv(info)
+    else:  # in coordinates of unit complete-data information: any units invert alike
+        scale = _unit_scale(curv.scale)
+        _check_definite(info, layout, scale)
+        cov_u = np.linalg.inv(info / np.outer(scale, scale)) / np.outer(scale, scale)
     cov = curv.jacobian @ cov_u @ curv.jacobian.T
     names = []
     for name in layout.rv_names:
@@ -143,16 +192,20 @@ def covariance(result: EMResult, method: str = "gradient") -> tuple[list[str], n
     return names, 0.5 * (cov + cov.T)
 
 
-def standard_errors(result: EMResult, method: str = "gradient") -> dict[str, np.ndarray]:
+def standard_errors(
+    result: EMResult, method: str = "louis", chunk_size: int | None = None
+) -> dict[str, np.ndarray]:
     """EM standard errors in the constrained space, by free-variable name.
 
-    Observed information: minus the PyTensor Hessian of the marginal log posterior
+    Observed information: minus the Hessian of the marginal log posterior
     (log-likelihood for ``mode="mle"``) in the unconstrained space at the estimate,
     inverted and mapped to the constrained space by the delta method. Raises
     :class:`NotIdentifiedError` if the Hessian is not negative definite. ``method`` is
-    ``"exact"`` or ``"gradient"`` (see :func:`curvature`).
+    ``"louis"`` (default: Louis' identity on EM's compiled rows, no compilation),
+    ``"gradient"`` or ``"exact"`` (see :func:`curvature`); ``chunk_size`` bounds the
+    observations ``"louis"`` holds at once.
     """
-    _, cov = covariance(result, method)
+    _, cov = covariance(result, method, chunk_size)
     se_flat = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     out, start = {}, 0
     for name in result.prepared.functions.layout.rv_names:

@@ -102,7 +102,7 @@ def _sources(graph: MixtureGraph) -> list[tuple[str, list]]:
 def _covariates(graph: MixtureGraph, observed: set) -> list[tuple[str, Variable, str]]:
     """Array leaves whose first axis has length N, each with a name and (for plain
     arrays, which have none) the variable in whose parameters it was found."""
-    model, n = graph.model, graph.n_obs
+    model, n = graph.model, graph.n_rows
     blockers = [rv for rv in model.basic_RVs if rv not in graph.dependents]
     out, seen = [], set(observed)
     for owner, roots in _sources(graph):
@@ -130,7 +130,7 @@ def data_spec(graph: MixtureGraph) -> DataSpec:
     """Find the model's data: see the module docstring."""
     model = graph.model
     observed = [(rv.name, model.rvs_to_values[rv], "") for rv in graph.dependents]
-    chunkable = graph.n_obs > max(1, graph.n_components)
+    chunkable = graph.n_rows > max(1, graph.n_components)
     found = observed + (_covariates(graph, {v for _, v, _ in observed}) if chunkable else [])
     names = [name for name, _, _ in found]
     if len(set(names)) != len(names):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pymc as pm
 import pytensor
-from pymc.distributions.mixture import MixtureRV
+import pytensor.tensor as pt
+from pymc.distributions.mixture import MixtureRV, _HurdleRV
 from pymc.exceptions import NotConstantValueError
 from pymc.pytensorf import constant_fold
 from pymc_extras.model.marginal.distributions import get_domain_of_finite_discrete_rv
@@ -30,7 +31,9 @@ class MixtureGraph:
     ``kind`` is ``"label"`` (an explicit free ``z`` indexes the component parameters)
     or ``"mixture"`` (a ``pm.Mixture``/``pm.NormalMixture`` likelihood). ``label_name``
     is the label's name, or ``"<observed>_component"`` for a Mixture, and names the
-    ``lp_<label_name>`` variable in InferenceData.
+    ``lp_<label_name>`` variable in InferenceData. ``n_obs`` counts labels, ``n_rows``
+    the data's first axis: they differ for a ``pm.Mixture`` over (N, J) data, which
+    mixes each of its N x J elements separately.
     """
 
     model: pm.Model
@@ -38,10 +41,15 @@ class MixtureGraph:
     label_name: str
     n_components: int
     n_obs: int
+    n_rows: int
     label_rv: TensorVariable | None
     dependents: tuple[TensorVariable, ...]
     other_observed: tuple[TensorVariable, ...]
     params: tuple[TensorVariable, ...]
+
+    @property
+    def labels_per_row(self) -> int:
+        return self.n_obs // self.n_rows
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -56,15 +64,21 @@ def _is_discrete(rv: TensorVariable) -> bool:
 
 
 def _static_shape(var: TensorVariable, model: pm.Model | None = None) -> tuple[int, ...]:
+    """``var``'s shape now: a constant, or read off the model's data and coordinate
+    lengths (``pm.Data``, ``dims``), which are fixed while the model is being fitted."""
     try:
         return tuple(int(s) for s in constant_fold(tuple(var.shape)))
     except NotConstantValueError:
-        # Observed pm.Data: the shape follows the shared data, not a constant.
-        if model is not None and var in model.observed_RVs:
-            return tuple(observed_data(model, var).shape)
+        pass
+    if model is not None and var in model.observed_RVs:
+        return tuple(observed_data(model, var).shape)
+    try:
+        return tuple(int(s) for s in pt.as_tensor(var.shape).eval())
+    except Exception as err:
+        name = var.name or "a mixture's weights"
         raise ModelStructureError(
-            f"the shape of {var.name!r} is not a constant; give it a fixed shape (shape=N) "
-            "so ppl_em can lay out the N x K responsibility matrix."
+            f"the shape of {name!r} could not be worked out ({type(err).__name__}); give it "
+            "a fixed shape (shape=N) so ppl_em can lay out the N x K responsibility matrix."
         ) from None
 
 
@@ -99,6 +113,23 @@ def observed_data(model: pm.Model, rv: TensorVariable) -> np.ndarray:
     return np.asarray(value.get_value())
 
 
+def _is_mixture(rv: TensorVariable) -> bool:
+    """``pm.Mixture``/``pm.NormalMixture`` (zero-inflated families are such), or a hurdle
+    model of counts: the mixture of a point mass at 0 and a zero-truncated count
+    distribution, whose joint rows are exactly the hurdle likelihood's terms."""
+    op = rv.owner.op
+    if isinstance(op, _HurdleRV):
+        if not rv.dtype.startswith(("int", "uint")):
+            raise ModelStructureError(
+                f"{rv.name!r} is a continuous hurdle model; ppl_em fits hurdle models of "
+                "counts only (there the zero component is the only source of zeros). Write "
+                "it as pm.Mixture of pm.DiracDelta.dist(0.0) and the continuous component "
+                "if that is the model you mean."
+            )
+        return True
+    return isinstance(op, MixtureRV)
+
+
 def _find_target(model: pm.Model, latent: str | None) -> TensorVariable:
     if latent is not None and not isinstance(latent, str):
         raise TypeError(f"latent must be a variable name (str), got {latent!r}.")
@@ -118,7 +149,7 @@ def _find_target(model: pm.Model, latent: str | None) -> TensorVariable:
             "ppl_em fits models with exactly one label: marginalise or fix the others, "
             "or name the label with latent=."
         )
-    mixtures = [rv for rv in model.observed_RVs if isinstance(rv.owner.op, MixtureRV)]
+    mixtures = [rv for rv in model.observed_RVs if _is_mixture(rv)]
     if len(mixtures) == 1:
         return mixtures[0]
     if len(mixtures) > 1:
@@ -184,6 +215,7 @@ def _analyse_label(model: pm.Model, label: TensorVariable) -> MixtureGraph:
         label_name=label.name,
         n_components=len(domain),
         n_obs=shape[0],
+        n_rows=shape[0],
         label_rv=label,
         dependents=deps,
         other_observed=tuple(rv for rv in model.observed_RVs if rv not in deps),
@@ -208,6 +240,7 @@ def _analyse_mixture(model: pm.Model, mix: TensorVariable) -> MixtureGraph:
         label_name=f"{mix.name}_component",
         n_components=int(n_comp),
         n_obs=int(np.prod(batch)) if batch else 1,
+        n_rows=int(batch[0]) if batch else 1,
         label_rv=None,
         dependents=(mix,),
         other_observed=tuple(rv for rv in model.observed_RVs if rv is not mix),
@@ -229,7 +262,7 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
     _check_observed_finite(model)
     target = _find_target(model, latent)
     if target in model.observed_RVs:
-        if not isinstance(target.owner.op, MixtureRV):
+        if not _is_mixture(target):
             raise ModelStructureError(
                 f"latent={target.name!r} is an observed {type(target.owner.op).__name__}, "
                 f"not a pm.Mixture; name the label ({SUPPORTED_LABELS}) or a Mixture likelihood."

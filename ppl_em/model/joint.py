@@ -154,25 +154,24 @@ def _component_logp(data: DataSpec, component, value, k=None) -> TensorVariable:
 def mixture_rows(graph: MixtureGraph, data: DataSpec) -> list[TensorVariable]:
     """``log w_k + log p_k(x_i)`` for a ``pm.Mixture``, one row per component: one
     contiguous pass over the observations per component is faster than one broadcast
-    (N, K) pass (benchmarks/README.md)."""
+    (N, K) pass (benchmarks/README.md). A Mixture over (N, J) data mixes each element
+    on its own: its rows run over the N x J elements, row-major."""
     (mix,) = graph.dependents
     value = data.inputs[data.names.index(mix.name)]
+    batch = [value.shape[i] for i in range(value.ndim - mix.owner.op.ndim_supp)]
     components = [_in_values(graph, c) for c in mix.owner.inputs[2:]]
-    k, n = graph.n_components, data.n
+    k = graph.n_components
     if len(components) == 1:
         components = _split_component(components[0], k) or components
     weights = graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
     log_w = pt.log(graph_replace(weights, data.replace, strict=False))
     if len(components) == k:
-        rows = [
-            log_w[..., j] + _sum_after(_component_logp(data, c, value), 1)
-            for j, c in enumerate(components)
-        ]
-        return [pt.broadcast_to(row, (n,)) for row in rows]
+        rows = [log_w[..., j] + _component_logp(data, c, value) for j, c in enumerate(components)]
+        return [pt.broadcast_to(row, batch).reshape((-1,)) for row in rows]
     (component,) = components
     mix_axis = -getattr(component.owner.op, "ndim_supp", 0) - 1
     batched = pt.expand_dims(value, mix_axis)
-    joint = (log_w + _component_logp(data, component, batched, k)).reshape((n, k))
+    joint = (log_w + _component_logp(data, component, batched, k)).reshape((-1, k))
     return [joint[:, j] for j in range(k)]
 
 

@@ -218,7 +218,7 @@ def _prior_ok(block: Block, name: str, slot: Slot, mode: str) -> str | None:
 def _per_observation(value: np.ndarray, graph: MixtureGraph) -> bool:
     """A constant with the observation axis (label models put components on the label's
     index, Mixtures on the last axis)."""
-    n = graph.n_obs
+    n = graph.n_rows
     if value.ndim == 0 or value.shape[0] != n or n == 1:
         return False
     return graph.kind == "label" or value.ndim >= 2

@@ -38,11 +38,12 @@ class StatsRequest(NamedTuple):
     index: dict[tuple, int]
     offsets: dict[int, float]
     mvn_means: tuple[np.ndarray, ...]
+    labels_per_row: int = 1
 
     def columns(self, arrays) -> np.ndarray:
-        """The M x n columns of a chunk's arrays."""
+        """The M x n columns of a chunk's arrays (n labels: rows x labels per row)."""
         data = dict(zip(self.names, arrays, strict=True))
-        n = np.shape(arrays[0])[0]
+        n = np.shape(arrays[0])[0] * self.labels_per_row
         out = np.empty((len(self.index), n))
         for b, block in enumerate(self.plan.blocks):
             if block.data_name is not None:
@@ -94,7 +95,7 @@ def _roles(plan: ClosedFormPlan, dims: dict[int, int]) -> list[tuple]:
     return keys
 
 
-def stats_request(plan: ClosedFormPlan, names, arrays) -> StatsRequest:
+def stats_request(plan: ClosedFormPlan, names, arrays, labels_per_row: int = 1) -> StatsRequest:
     """The request for ``plan``, centred on the means of ``arrays`` (the whole data, or
     for data too large for memory, a representative chunk)."""
     data = dict(zip(names, arrays, strict=True))
@@ -105,8 +106,8 @@ def stats_request(plan: ClosedFormPlan, names, arrays) -> StatsRequest:
     means, dims = [], {}
     for i, spec in enumerate(plan.mvn):
         x = np.asarray(data[spec.data_name], dtype=float)
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0] * labels_per_row, -1)
         means.append(x.mean(axis=0))
         dims[i] = x.shape[1]
     index = {key: row for row, key in enumerate(_roles(plan, dims))}
-    return StatsRequest(plan, tuple(names), index, offsets, tuple(means))
+    return StatsRequest(plan, tuple(names), index, offsets, tuple(means), labels_per_row)

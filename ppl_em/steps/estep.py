@@ -56,7 +56,8 @@ def _pass(functions: EMFunctions):
 
 def _nonfinite_message(functions: EMFunctions, chunk: DataChunk, log_resp) -> str:
     rows = np.flatnonzero(~np.all(np.isfinite(log_resp), axis=1))
-    where = f"observation {chunk.start + int(rows[0])}" if rows.size else "some observation"
+    first = chunk.start * functions.graph.labels_per_row
+    where = f"observation {first + int(rows[0])}" if rows.size else "some observation"
     names = ", ".join(functions.spec.observed)
     return (
         f"the log-likelihood is not finite at {where} of {names!r}: no component can "
@@ -77,12 +78,13 @@ def e_step(
     # (another thread included) calls it again.
     with one_blas_thread(functions.blas), functions.rows.lock:
         rows = functions.rows(u, *chunk.arrays)
+        n = len(rows[0])
         log_resp, loglik, nk, s = fused(rows, chunk.columns, keep_resp)
         if not np.isfinite(loglik):
             if log_resp is None:
                 log_resp = fused(functions.rows(u, *chunk.arrays), None, True)[0]
             raise DataError(_nonfinite_message(functions, chunk, log_resp))
-    return Stats(chunk.n, loglik, nk, s, log_resp)
+    return Stats(n, loglik, nk, s, log_resp)
 
 
 def joint(functions: EMFunctions, u: np.ndarray, chunk: DataChunk | None = None) -> np.ndarray:
@@ -96,8 +98,9 @@ def resp_batches(functions: EMFunctions, u: np.ndarray, chunks, log_resp=None):
     """``(gamma_t, chunk)`` per chunk at ``u``: the K x n responsibilities, from the
     whole data's ``log_resp`` when given, else from an E-step per chunk."""
     if log_resp is not None:
+        per_row = functions.graph.labels_per_row
         for chunk in chunks:
-            part = log_resp[chunk.start : chunk.start + chunk.n]
+            part = log_resp[chunk.start * per_row : (chunk.start + chunk.n) * per_row]
             yield np.exp(part.T), chunk
         return
     for chunk in chunks:

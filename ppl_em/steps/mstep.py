@@ -160,7 +160,9 @@ def expectations_from_resp(
 ) -> Expectations:
     """:class:`Expectations` of given n x K responsibilities of ``chunk`` (default: all
     the data ``functions`` hold), e.g. a soft partition for a starting point."""
-    request = stats_request(config.plan, functions.data_names, functions.data)
+    request = stats_request(
+        config.plan, functions.data_names, functions.data, functions.graph.labels_per_row
+    )
     if chunk is None:
         chunk = whole_data(functions, request)
     elif chunk.columns is None:

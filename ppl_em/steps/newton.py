@@ -29,6 +29,10 @@ DOUBLINGS = 30
 # (far from its maximum, in a log-scale's direction) the floored eigenvalue would
 # otherwise ask for an astronomically long one.
 MAX_STEP = 1e4
+# Within this many standard errors of Q's maximum a Newton step is taken even when Q's
+# rise is below its rounding (``ROUNDING`` relative to Q).
+NEAR = 1e-3
+ROUNDING = 1e-13
 
 
 class NewtonResult(NamedTuple):
@@ -95,7 +99,7 @@ def newton_maximise(
     start: np.ndarray,
     grad_reduction: float,
     max_iter: int = 100,
-    tol: float = 1e-9,
+    tol: float = 1e-12,
 ) -> NewtonResult:
     """Damped Newton from ``start`` until the decrement has shrunk by ``grad_reduction``
     (0: below ``tol``, Q's maximiser); each step is halved until Q rises. ``evaluate``
@@ -110,10 +114,23 @@ def newton_maximise(
         if decrement <= max(grad_reduction * first, tol):
             break
         found = _line_search(evaluate, x, q, direction)
+        if found is None and decrement < NEAR:
+            found = _final_step(evaluate, x, q, direction)
         if found is None:
             break
         x, q, grad = found
     return NewtonResult(x, x is not start, 0.0 if first is None else first)
+
+
+def _final_step(evaluate, x, q, direction):
+    """The full Newton step within ``NEAR`` standard errors of Q's maximum: Q's change is
+    then below its rounding, so "Q rises" cannot be told, while the quadratic model is
+    good; taken unless Q falls by more than its rounding."""
+    candidate = x + direction
+    q_new, grad_new = evaluate(candidate)
+    if np.isfinite(q_new) and q_new >= q - ROUNDING * max(1.0, abs(q)):
+        return candidate, q_new, grad_new
+    return None
 
 
 def _line_search(evaluate, x, q, direction):
