@@ -11,11 +11,14 @@ from types import ModuleType
 
 from models import (
     coin,
+    experts,
     exponential,
     gaussian_1d,
     gaussian_2d,
+    latent_class,
     poisson_counts,
     regression_mixture,
+    student_t,
 )
 
 MODELS: dict[str, ModuleType] = {
@@ -25,4 +28,7 @@ MODELS: dict[str, ModuleType] = {
     "poisson_counts": poisson_counts,
     "gaussian_2d": gaussian_2d,
     "regression_mixture": regression_mixture,
+    "latent_class": latent_class,
+    "student_t": student_t,
+    "experts": experts,
 }

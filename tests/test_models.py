@@ -67,3 +67,30 @@ def test_coin_converges_to_pooled_binomial():
     np.testing.assert_allclose(res.params["p"], pooled, atol=2e-3)
     np.testing.assert_allclose(res.params["w"].sum(), 1.0)
     assert res.history[-1] > res.history[0]
+
+
+def test_mixture_of_experts_is_the_maximum_of_the_hand_written_likelihood():
+    """The gated Poisson regressions: EM's MAP equals SciPy maximising the marginal log
+    posterior written out (softmax gate, Poisson log-linear experts, Normal priors)."""
+    from scipy import optimize, stats
+    from scipy.special import logsumexp
+
+    from models import experts
+
+    x, y = experts.default_data()
+    res = ppl_em.fit(experts.build_model(), tol=1e-14, gap_tol=1e-12, progressbar=False)
+    scale = np.array([1e-3, 5.0])
+
+    def negative(theta):
+        gate, alpha, beta = theta[:2], theta[2:4], theta[4:]
+        logits = np.outer(x, gate)
+        log_gate = logits - logsumexp(logits, axis=1, keepdims=True)
+        rate = np.exp(alpha[None] + beta[None] * x[:, None])
+        loglik = logsumexp(log_gate + stats.poisson.logpmf(y[:, None], rate), axis=1).sum()
+        prior = stats.norm.logpdf(gate, 0, scale).sum() + stats.norm.logpdf(theta[2:], 0, 5).sum()
+        return -(loglik + prior)
+
+    start = np.concatenate([res.params["gate"], res.params["alpha"], res.params["beta"]])
+    ref = optimize.minimize(negative, start + 0.05, method="BFGS", options={"gtol": 1e-8})
+    assert -ref.fun == pytest.approx(res.log_posterior, abs=1e-6)
+    np.testing.assert_allclose(start, ref.x, atol=1e-4)

@@ -54,9 +54,15 @@ def soft_responsibilities(labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def initial_u(functions: EMFunctions) -> np.ndarray:
-    """PyMC's initial point, flattened; non-finite entries (e.g. ordered) set to 0."""
-    point = functions.graph.model.initial_point()
+    """PyMC's initial point, flattened; non-finite entries (e.g. ordered) set to 0. Where
+    PyMC cannot make one (an ``LKJCholeskyCov`` over ``HalfFlat`` scales: its support
+    point samples them), 0 in the unconstrained space: the start's exact M-step moves
+    from there."""
     layout = functions.layout
+    try:
+        point = functions.graph.model.initial_point()
+    except NotImplementedError:
+        return np.zeros(layout.size)
     u = np.concatenate([np.reshape(point[n], -1) for n in layout.value_names] or [[]])
     return np.where(np.isfinite(u), u, 0.0).astype(float)
 

@@ -127,9 +127,11 @@ def expectations(functions: EMFunctions, state: EMState, data: EMData) -> Expect
 def _same_columns(a: StatsRequest | None, b: StatsRequest) -> bool:
     if a is b:
         return True
-    if a is None or a.index != b.index or a.offsets != b.offsets:
+    if a is None or a.index != b.index or a.offsets.keys() != b.offsets.keys():
         return False
-    return all(np.array_equal(x, y) for x, y in zip(a.mvn_means, b.mvn_means, strict=True))
+    same = [np.array_equal(a.offsets[key], b.offsets[key]) for key in a.offsets]
+    same += [np.array_equal(x, y) for x, y in zip(a.mvn_means, b.mvn_means, strict=True)]
+    return all(same)
 
 
 def em_step(

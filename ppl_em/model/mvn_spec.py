@@ -28,13 +28,15 @@ from ppl_em.model.graph import MixtureGraph, direct_users
 
 class MvnSpec(NamedTuple):
     """An MvNormal block: ``mu`` (K, D) and ``cov`` (K, D, D) as graphs of the value
-    variables of ``rvs``."""
+    variables of ``rvs``; ``tied`` when one covariance is shared by the components
+    (then the M-step's target is the pooled covariance)."""
 
     data_name: str
     rvs: tuple[TensorVariable, ...]
     mu: TensorVariable
     cov: TensorVariable
     reg_covar: float = 0.0
+    tied: bool = False
 
 
 def _label_params(graph: MixtureGraph, dist: TensorVariable):
@@ -91,6 +93,8 @@ def _block_params(graph: MixtureGraph, dist: TensorVariable | None):
     except Exception as err:  # a graph that does not rebuild over the domain
         return rvs, f"its MvNormal parameters are not one per component ({err})"
     k, d = graph.n_components, mu.type.shape[-1]
+    if cov.type.shape in ((d, d), (1, d, d)):  # one covariance for every component (tied)
+        cov = pt.broadcast_to(cov.reshape((d, d)), (k, d, d))
     if mu.type.shape != (k, d) or cov.type.shape != (k, d, d):
         return rvs, (
             f"its MvNormal mean and covariance have shapes {mu.type.shape} and "
@@ -103,13 +107,26 @@ def _constant_density(rv: TensorVariable) -> bool:
     return isinstance(rv.owner.op, FlatRV | HalfFlatRV | UniformRV)
 
 
-def _owned_reason(graph, rvs, owners, weights, mode, k, d) -> str | None:
-    size = sum(int(np.prod(r.type.shape)) if r.ndim else 1 for r in rvs)
-    needed = k * (d + d * (d + 1) // 2)
+def _size(rvs) -> int:
+    return sum(int(np.prod(r.type.shape)) if r.ndim else 1 for r in rvs)
+
+
+def _tied(graph: MixtureGraph, cov, d: int) -> bool:
+    """One covariance for all components: it reads D(D+1)/2 free values in all. (The
+    means' graph may read them too: PyMC broadcasts the mean against the covariance.)"""
+    cov_rvs = {p for p in graph.params if graph.value_var(p) in set(ancestors([cov]))}
+    return _size(cov_rvs) == d * (d + 1) // 2
+
+
+def _owned_reason(graph, rvs, owners, weights, mode, shape, tied) -> str | None:
+    k, d = shape
+    size = _size(rvs)
+    needed = k * d + d * (d + 1) // 2 if tied else k * (d + d * (d + 1) // 2)
     if size != needed:
+        what = "one tied covariance" if tied else "full covariances"
         return (
-            f"its {size} free values do not map one-to-one onto {k} means and full "
-            f"covariances ({needed} values)"
+            f"its {size} free values do not map one-to-one onto {k} means and {what} "
+            f"({needed} values)"
         )
     if set(rvs) & set(ancestors([weights])):
         return "it also enters the mixture weights"
@@ -146,10 +163,10 @@ def mvn_specs(graph: MixtureGraph, mode: str) -> tuple[list[MvnSpec], dict[str, 
         mu, cov, name = found
         used = set(ancestors([mu, cov]))
         rvs = tuple(p for p in graph.params if graph.value_var(p) in used)
-        k, d = mu.type.shape
-        reason = _owned_reason(graph, rvs, owners, weights, mode, k, d)
+        tied = _tied(graph, cov, mu.type.shape[1])
+        reason = _owned_reason(graph, rvs, owners, weights, mode, mu.type.shape, tied)
         if reason is None:
-            specs.append(MvnSpec(name, rvs, mu, cov))
+            specs.append(MvnSpec(name, rvs, mu, cov, tied=tied))
         else:
             reasons.update({r.name: reason for r in rvs})
     return specs, reasons

@@ -1,20 +1,25 @@
 """Closed-form M-step of the family blocks, from the E-step's statistics.
 
 For each block of a :class:`~ppl_em.model.recognise.ClosedFormPlan` the update maximises
-``sum_ik gamma_ik log p(x_i | theta_k) + log p(theta)`` exactly:
+``sum_ik gamma_ik log p(x_i | theta_k) + log p(theta)`` exactly. With ``N_k = sum_i
+gamma_ik`` and ``S_kd = sum_i gamma_ik x_id`` (item d of observation i), per value of a
+parameter, its sums pooled over the axes it is shared along (items for ``theta[z]``
+of shape (K,) on (N, D) data; components for a tied parameter):
 
 * weights, Dirichlet(a):   ``w_k ∝ N_k + a_k - 1``                (flat: ``N_k / N``)
-* Binomial/Bernoulli, Beta(a, b): ``p_k = (S_k + a - 1) / (n N_k + a + b - 2)``
-* Poisson, Gamma(a, rate b):      ``mu_k = (S_k + a - 1) / (N_k + b)``
-* Exponential rate, Gamma(a, b):  ``lam_k = (N_k + a - 1) / (S_k + b)``  (the seed's update)
-* Normal:  ``mu_k = S_k / N_k``, ``sigma_k^2 = sum_i gamma_ik (x_i - mu_k)^2 / N_k``; with a
-  Normal(m0, s0) prior on ``mu`` and a fixed ``sigma`` the precision-weighted mean.
+* Binomial/Bernoulli, Beta(a, b): ``p = (S + a - 1) / (T + a + b - 2)``, T the trials
+  (latent class analysis: one ``p`` per class and item)
+* Poisson, Gamma(a, rate b):      ``mu = (S + a - 1) / (N + b)``
+* Exponential rate, Gamma(a, b):  ``lam = (N + a - 1) / (S + b)``  (the seed's update)
+* Normal: ``mu = S / N`` (with known scales, precision-weighted, and with a Normal
+  prior, shrunk to it); ``sigma^2 = sum gamma (x - mu)^2 / N``, pooled over items for a
+  spherical scale and over components for a tied one (diagonal covariances: one pair
+  per class and item).
 
-with ``N_k = sum_i gamma_ik`` and ``S_k = sum_i gamma_ik x_i``. In ``mode="mle"`` every
-prior term is dropped (``a = b = 1``, ``rate = 0``, flat ``mu``). Everything is read from
-:class:`~ppl_em.steps.stats.Stats`; a Normal variance whose moments would cancel (see
-:mod:`ppl_em.steps.columns`) is taken about the new mean in a second pass over the
-responsibilities, chunk by chunk.
+In ``mode="mle"`` every prior term is dropped (``a = b = 1``, ``rate = 0``, flat
+``mu``). Everything is read from :class:`~ppl_em.steps.stats.Stats`; a Normal variance
+whose moments would cancel (see :mod:`ppl_em.steps.columns`) is taken about the new
+mean in a second pass over the responsibilities, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ppl_em.model.recognise import Block, ClosedFormPlan
+from ppl_em.model.slots import Slot
 from ppl_em.steps.columns import CANCELLATION_LIMIT, StatsRequest
 from ppl_em.steps.stats import TINY, DataChunk, Stats
 
@@ -33,116 +39,151 @@ Batches = Callable[[], Iterable[tuple[np.ndarray, DataChunk]]]
 
 
 def _hyper(block: Block, name: str, mode: str, default: tuple) -> tuple:
+    """A slot's prior hyperparameters, one per value of the slot (or scalars)."""
     prior = block.priors.get(name)
     if mode == "mle" or prior is None or prior[0] in ("flat",):
         return default
-    return tuple(np.asarray(h, dtype=float) for h in prior[1:])
+    size = len(block.slots[name].refs)
+    out = []
+    for h in prior[1:]:
+        h = np.asarray(h, dtype=float)
+        out.append(h.reshape(-1) if h.size == size else h.reshape(-1)[0] if h.size else h)
+    return tuple(out)
+
+
+def _pool(arr: np.ndarray, axes: tuple[str, ...]) -> np.ndarray:
+    """Sum a (K, D) array over the axes a parameter is shared along; its values in the
+    slot's order."""
+    if "d" not in axes:
+        arr = arr.sum(axis=1, keepdims=True)
+    if "k" not in axes:
+        arr = arr.sum(axis=0, keepdims=True)
+    return arr.reshape(-1)
+
+
+def _spread(values: np.ndarray, axes: tuple[str, ...], shape: tuple[int, int]) -> np.ndarray:
+    """A slot's values back on the (K, D) grid."""
+    k, d = shape
+    return np.broadcast_to(np.reshape(values, (k if "k" in axes else 1, d if "d" in axes else 1)),
+                           shape)  # fmt: skip
 
 
 def _weights(block: Block, nk: np.ndarray, mode: str) -> np.ndarray:
     if block.family == "bernoulli_label":
         a, b = _hyper(block, "p", mode, (1.0, 1.0))
-        return np.clip((nk[1] + a - 1) / (nk.sum() + a + b - 2), TINY, 1 - 1e-16)[None]
+        return np.clip((nk[1] + a - 1) / (nk.sum() + a + b - 2), TINY, 1 - 1e-16).reshape(1)
     (alpha,) = _hyper(block, "w", mode, (np.ones_like(nk),))
     w = np.maximum(nk + alpha - 1, TINY)
     return w / w.sum()
 
 
-def _conjugate(block: Block, nk, sk, trials, mode: str) -> dict | None:
-    """The count and rate families' updates from ``N_k``, ``S_k`` (and Binomial trials)."""
-    fam = block.family
-    if fam in ("binomial", "bernoulli"):
-        a, b = _hyper(block, "p", mode, (1.0, 1.0))
-        return {"p": np.clip((sk + a - 1) / (trials + a + b - 2), TINY, 1 - 1e-16)}
-    if fam == "poisson":
+def _sums(stats: Stats, request: StatsRequest, b: int, role: str, items: int) -> np.ndarray:
+    """The (K, D) weighted sums of a block's column ``role``."""
+    return np.stack([stats.s[request.index[(b, role, d)]] for d in range(items)], axis=1)
+
+
+def _conjugate(block: Block, b: int, stats: Stats, request: StatsRequest, mode: str) -> dict:
+    """The count and rate families' updates."""
+    nk = np.broadcast_to(stats.nk[:, None], (stats.nk.size, block.items))
+    sk = _sums(stats, request, b, "x", block.items)
+    slot = next(iter(block.slots.values()))
+    pool = lambda arr: _pool(arr, slot.axes)  # noqa: E731
+    if block.family in ("binomial", "bernoulli"):
+        if (b, "n", 0) in request.index:
+            trials = _sums(stats, request, b, "n", block.items)
+        else:
+            trials = np.asarray(block.consts.get("n", 1.0), dtype=float).reshape(-1, 1) * nk
+        a, bb = _hyper(block, "p", mode, (1.0, 1.0))
+        return {"p": np.clip((pool(sk) + a - 1) / (pool(trials) + a + bb - 2), TINY, 1 - 1e-16)}
+    if block.family == "poisson":
         a, rate = _hyper(block, "mu", mode, (1.0, 0.0))
-        return {"mu": np.maximum((sk + a - 1) / (nk + rate), TINY)}
-    if fam == "exponential":
-        a, rate = _hyper(block, "scale", mode, (1.0, 0.0))
-        lam = np.maximum((nk + a - 1) / (sk + rate), TINY)
-        return {"scale": lam if block.slots["scale"].inverse else 1.0 / lam}
-    return None
+        return {"mu": np.maximum((pool(sk) + a - 1) / (pool(nk) + rate), TINY)}
+    a, rate = _hyper(block, "scale", mode, (1.0, 0.0))
+    lam = np.maximum((pool(nk) + a - 1) / (pool(sk) + rate), TINY)
+    return {"scale": lam if block.slots["scale"].inverse else 1.0 / lam}
 
 
 def _normal_mean(block: Block, nk, sk, mode: str) -> tuple[np.ndarray, dict]:
-    """``(mu, {"mu": ...} or {})``: with a fixed sigma and a Normal prior on mu the
-    precision-weighted mean; otherwise the responsibility-weighted mean (or the fixed
-    mean, if mu is constant)."""
-    if "sigma" in block.consts:
-        sigma = np.asarray(block.consts["sigma"], dtype=float)
-        prior = block.priors.get("mu")
-        if mode == "map" and prior is not None and prior[0] == "normal":
-            m0, s0 = (np.asarray(h, dtype=float) for h in prior[1:])
-            mu = (m0 / s0**2 + sk / sigma**2) / (1 / s0**2 + nk / sigma**2)
-            return mu, {"mu": mu}
-    if "mu" in block.slots:
-        mu = sk / nk
-        return mu, {"mu": mu}
-    return np.asarray(block.consts["mu"], dtype=float), {}
+    """``(mu on the (K, D) grid, {"mu": slot values} or {})``: the weighted mean, by
+    precision where the scales are known, shrunk by a Normal prior."""
+    shape = nk.shape
+    if "mu" not in block.slots:
+        return np.broadcast_to(np.asarray(block.consts["mu"], dtype=float)[:, None], shape), {}
+    slot = block.slots["mu"]
+    known = "sigma" in block.consts
+    w = 1.0 / np.asarray(block.consts["sigma"], dtype=float)[:, None] ** 2 if known else 1.0
+    num, den = _pool(w * sk, slot.axes), _pool(w * nk, slot.axes)
+    prior = block.priors.get("mu")
+    if known and mode == "map" and prior is not None and prior[0] == "normal":
+        m0, s0 = _hyper(block, "mu", mode, (0.0, np.inf))
+        num, den = num + m0 / s0**2, den + 1 / s0**2
+    mu = num / den
+    return _spread(mu, slot.axes, shape), {"mu": mu}
 
 
-def _variance_from_stats(nk, s1, s2, mu_shift) -> np.ndarray | None:
-    """``s2/N_k - (s1/N_k)^2`` plus the squared distance to the new mean, or None when
-    float64 cannot give it accurately (cancellation, overflow or underflow)."""
-    with np.errstate(over="ignore", invalid="ignore"):
+def _second_moments(nk, s1, s2, mu_shift) -> np.ndarray | None:
+    """``sum gamma (x - mu)^2`` per (k, d) from the centred sums, or None when float64
+    cannot give it accurately (cancellation, overflow or underflow)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         shift = s1 / nk
         moment = s2 / nk
         var = moment - shift**2
-        accurate = np.all(np.isfinite(moment)) and np.all((moment > 1e-200) & (moment < 1e200))
-        if not (accurate and np.all(shift**2 <= CANCELLATION_LIMIT * var)):
+        live = nk > TINY
+        accurate = np.all(np.isfinite(moment)) and np.all(
+            ~live | ((moment > 1e-200) & (moment < 1e200))
+        )
+        if not (accurate and np.all(~live | (shift**2 <= CANCELLATION_LIMIT * var))):
             return None
-        # About a mean other than the weighted one (fixed, or shrunk by a prior).
-        return var + (shift - mu_shift) ** 2
+        return nk * (var + (shift - mu_shift) ** 2)
 
 
-def _sd_two_pass(batches: Batches, name: str, names, mu, nk) -> np.ndarray:
-    """``sqrt(sum_i gamma_ik (x_i - mu_k)^2 / N_k)`` without squaring the data or the
-    result: the deviations are scaled by their largest magnitude (squares overflow near
+def _sd_two_pass(batches: Batches, block: Block, names, mu: np.ndarray, slot: Slot, nk):
+    """The pooled ``sqrt(sum gamma (x - mu)^2 / N)`` without squaring the data: each
+    group's deviations are scaled by their largest magnitude (squares overflow near
     1e300 and underflow near 1e-300)."""
-    col = names.index(name)
+    col = names.index(block.data_name)
     scale = np.zeros_like(mu)
     for gamma_t, chunk in batches():
-        dev = np.asarray(chunk.arrays[col], dtype=float).reshape(1, -1) - mu[:, None]
-        scale = np.maximum(scale, np.max(np.abs(np.where(gamma_t > 0, dev, 0.0)), axis=1))
-    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        x = np.asarray(chunk.arrays[col], dtype=float).reshape(-1, block.items)
+        dev = np.abs(x[None, :, :] - mu[:, None, :]) * (gamma_t[:, :, None] > 0)
+        scale = np.maximum(scale, dev.max(axis=1))
+    group = _spread(_pool_max(scale, slot.axes), slot.axes, mu.shape)
+    group = np.where(np.isfinite(group) & (group > 0), group, 1.0)
     total = np.zeros_like(mu)
     for gamma_t, chunk in batches():
-        dev = np.asarray(chunk.arrays[col], dtype=float).reshape(1, -1) - mu[:, None]
-        total += np.einsum("kn,kn->k", gamma_t, (dev / scale[:, None]) ** 2)
-    return scale * np.sqrt(total / nk)
+        x = np.asarray(chunk.arrays[col], dtype=float).reshape(-1, block.items)
+        dev = (x[None, :, :] - mu[:, None, :]) / group[:, None, :]
+        total += np.einsum("kn,knd->kd", gamma_t, dev**2)
+    # one scale per pooled group, so the group's sums add up in the same units
+    return _pool_max(group, slot.axes) * np.sqrt(_pool(total, slot.axes) / _pool(nk, slot.axes))
+
+
+def _pool_max(arr: np.ndarray, axes: tuple[str, ...]) -> np.ndarray:
+    if "d" not in axes:
+        arr = arr.max(axis=1, keepdims=True)
+    if "k" not in axes:
+        arr = arr.max(axis=0, keepdims=True)
+    return arr.reshape(-1)
 
 
 def _normal(block: Block, b: int, stats: Stats, request: StatsRequest, mode, batches) -> dict:
-    nk = np.maximum(stats.nk, TINY)
-    offset = request.offsets[b]
-    s1 = stats.s[request.index[(b, "x")]]
+    nk = np.broadcast_to(np.maximum(stats.nk, TINY)[:, None], (stats.nk.size, block.items))
+    offset = request.offsets[b][None, :]
+    s1 = _sums(stats, request, b, "x", block.items)
     mu, out = _normal_mean(block, nk, s1 + offset * nk, mode)
     if "sigma" not in block.slots:
         return out
+    slot = block.slots["sigma"]
     reg_covar = float(block.consts.get("reg_covar", 0.0))
-    var = _variance_from_stats(nk, s1, stats.s[request.index[(b, "xx")]], mu - offset)
-    if var is None:
-        sd = _sd_two_pass(batches, block.data_name, request.names, mu, nk)
+    m2 = _second_moments(nk, s1, _sums(stats, request, b, "xx", block.items), mu - offset)
+    if m2 is None:
+        sd = _sd_two_pass(batches, block, request.names, mu, slot, nk)
         sd = np.hypot(sd, np.sqrt(reg_covar)) if reg_covar > 0 else sd
     else:
-        sd = np.sqrt(var + reg_covar)
+        sd = np.sqrt(_pool(m2, slot.axes) / _pool(nk, slot.axes) + reg_covar)
     # At least the smallest float: data near 1e-300 have legitimately tiny sigma.
     out["sigma"] = np.maximum(sd, TINY)
     return out
-
-
-def _family(block: Block, b: int, stats: Stats, request: StatsRequest, mode, batches) -> dict:
-    if block.family == "normal":
-        return _normal(block, b, stats, request, mode, batches)
-    nk = np.maximum(stats.nk, TINY)
-    sk = stats.s[request.index[(b, "x")]]
-    trials = None
-    if block.family in ("binomial", "bernoulli"):
-        if (b, "n") in request.index:
-            trials = stats.s[request.index[(b, "n")]]
-        else:
-            trials = np.asarray(block.consts.get("n", 1.0), dtype=float) * stats.nk
-    return _conjugate(block, nk, sk, trials, mode)
 
 
 def closed_form_update(
@@ -162,9 +203,11 @@ def closed_form_update(
     for b, block in enumerate(plan.blocks):
         if block.data_name is None:
             values = {next(iter(block.slots)): _weights(block, stats.nk, mode)}
+        elif block.family == "normal":
+            values = _normal(block, b, stats, request, mode, batches)
         else:
-            values = _family(block, b, stats, request, mode, batches)
-        for name, per_comp in values.items():
-            for (rv, j), v in zip(block.slots[name].refs, per_comp, strict=True):
+            values = _conjugate(block, b, stats, request, mode)
+        for name, flat in values.items():
+            for (rv, j), v in zip(block.slots[name].refs, np.reshape(flat, -1), strict=True):
                 new[rv.name].reshape(-1)[j] = v
     return {name: new[name] for name in plan.closed}

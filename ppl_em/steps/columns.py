@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ppl_em.model.recognise import Block, ClosedFormPlan, DataRef
+from ppl_em.model.recognise import Block, ClosedFormPlan
+from ppl_em.model.slots import DataRef
 
 CANCELLATION_LIMIT = 1e4
 
@@ -27,16 +28,16 @@ CANCELLATION_LIMIT = 1e4
 class StatsRequest(NamedTuple):
     """Which columns the fused E-step sums, for a plan and a dataset.
 
-    ``index`` maps ``(block number, role)`` (role ``"x"``, ``"xx"`` or ``"n"``) and
-    ``("mvn", i, *name)`` to the column's row; ``offsets[b]`` is the Normal block b's
-    centre, ``mvn_means[i]`` the MvNormal block i's; ``names`` are the data names the
-    chunks' arrays follow.
+    ``index`` maps ``(block number, role, item)`` (role ``"x"``, ``"xx"`` or ``"n"``)
+    and ``("mvn", i, *name)`` to the column's row; ``offsets[b]`` holds the Normal
+    block b's centre per item, ``mvn_means[i]`` the MvNormal block i's; ``names`` are
+    the data names the chunks' arrays follow.
     """
 
     plan: ClosedFormPlan
     names: tuple[str, ...]
     index: dict[tuple, int]
-    offsets: dict[int, float]
+    offsets: dict[int, np.ndarray]
     mvn_means: tuple[np.ndarray, ...]
     labels_per_row: int = 1
 
@@ -47,7 +48,8 @@ class StatsRequest(NamedTuple):
         out = np.empty((len(self.index), n))
         for b, block in enumerate(self.plan.blocks):
             if block.data_name is not None:
-                _block_columns(out, self.index, b, block, data, self.offsets.get(b, 0.0))
+                offset = self.offsets.get(b, np.zeros(block.items))
+                _block_columns(out, self.index, b, block, data, offset)
         for i, spec in enumerate(self.plan.mvn):
             x = np.asarray(data[spec.data_name], dtype=float).reshape(n, -1) - self.mvn_means[i]
             for a in range(x.shape[1]):
@@ -63,20 +65,24 @@ def trials_source(block: Block):
     return n if isinstance(n, DataRef) else None
 
 
-def _block_columns(out, index, b: int, block: Block, data: dict, offset: float) -> None:
-    x = np.asarray(data[block.data_name], dtype=float).reshape(out.shape[1])
-    if block.family == "normal":
-        dev = np.subtract(x, offset, out=out[index[(b, "x")]])
-        # Data near 1e300 overflow here; the M-step sees the non-finite moment and takes
-        # the second pass instead, so the warning is noise.
-        with np.errstate(over="ignore"):
-            np.multiply(dev, dev, out=out[index[(b, "xx")]])
-        return
-    out[index[(b, "x")]] = x
+def _block_columns(out, index, b: int, block: Block, data: dict, offset: np.ndarray) -> None:
+    x = np.asarray(data[block.data_name], dtype=float).reshape(out.shape[1], block.items)
     source = trials_source(block)
+    trials = None
     if source is not None:
         trials = source.array if source.name is None else data[source.name]
-        out[index[(b, "n")]] = np.asarray(trials, dtype=float).reshape(-1)
+        trials = np.asarray(trials, dtype=float).reshape(out.shape[1], -1)
+    for d in range(block.items):
+        if block.family == "normal":
+            dev = np.subtract(x[:, d], offset[d], out=out[index[(b, "x", d)]])
+            # Data near 1e300 overflow here; the M-step sees the non-finite moment and
+            # takes the second pass instead, so the warning is noise.
+            with np.errstate(over="ignore"):
+                np.multiply(dev, dev, out=out[index[(b, "xx", d)]])
+            continue
+        out[index[(b, "x", d)]] = x[:, d]
+        if trials is not None:
+            out[index[(b, "n", d)]] = trials[:, d if trials.shape[1] > 1 else 0]
 
 
 def _roles(plan: ClosedFormPlan, dims: dict[int, int]) -> list[tuple]:
@@ -84,11 +90,12 @@ def _roles(plan: ClosedFormPlan, dims: dict[int, int]) -> list[tuple]:
     for b, block in enumerate(plan.blocks):
         if block.data_name is None:
             continue
-        keys.append((b, "x"))
-        if block.family == "normal":
-            keys.append((b, "xx"))
-        elif trials_source(block) is not None:
-            keys.append((b, "n"))
+        for d in range(block.items):
+            keys.append((b, "x", d))
+            if block.family == "normal":
+                keys.append((b, "xx", d))
+            elif trials_source(block) is not None:
+                keys.append((b, "n", d))
     for i, d in dims.items():
         keys += [("mvn", i, "x", a) for a in range(d)]
         keys += [("mvn", i, "xx", a, c) for a in range(d) for c in range(a, d)]
@@ -102,7 +109,8 @@ def stats_request(plan: ClosedFormPlan, names, arrays, labels_per_row: int = 1) 
     offsets = {}
     for b, block in enumerate(plan.blocks):
         if block.family == "normal" and block.data_name is not None:
-            offsets[b] = float(np.mean(np.asarray(data[block.data_name], dtype=float)))
+            x = np.asarray(data[block.data_name], dtype=float).reshape(-1, block.items)
+            offsets[b] = x.mean(axis=0)
     means, dims = [], {}
     for i, spec in enumerate(plan.mvn):
         x = np.asarray(data[spec.data_name], dtype=float)

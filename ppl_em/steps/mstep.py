@@ -27,6 +27,7 @@ from ppl_em.steps.mvn_solve import (
     compile_update,
     moments_from_stats,
     moments_two_pass,
+    pooled_covariance,
     solve_params,
 )
 from ppl_em.steps.numeric import maximise_q
@@ -119,6 +120,8 @@ def _mvn_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expectations)
         target = moments_from_stats(ex.stats.nk, ex.stats, ex.request, i, spec.reg_covar)
         if target is None:
             target = moments_two_pass(ex.batches, spec.data_name, ex.request.names, spec.reg_covar)
+        if spec.tied:
+            target = (target[0], pooled_covariance(ex.stats.nk, target[1]))
         new = solve_params(update, u, *target)
         if new is None:
             new = numeric_step(functions, config._replace(numeric_mask=update.mask), u, ex.batches)

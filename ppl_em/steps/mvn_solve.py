@@ -106,6 +106,13 @@ def moments_two_pass(batches, name: str, names, reg_covar: float = 0.0):
     return mu, cov
 
 
+def pooled_covariance(nk: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """The tied covariance's update, ``sum_k N_k Sigma_k / N`` (each ``Sigma_k`` about its
+    component's mean), for every component."""
+    weights = np.maximum(nk, TINY) / np.maximum(nk, TINY).sum()
+    return np.broadcast_to(np.einsum("k,kij->ij", weights, cov), cov.shape).copy()
+
+
 def _whitened(winv: np.ndarray, mu_err: np.ndarray, cov_err: np.ndarray) -> np.ndarray:
     """Errors in the target's own scale, ``W (mu - mu*)`` and ``W (Sigma - Sigma*) W^T``
     with ``W = chol(Sigma*)^-1``, so one tolerance fits every unit and correlation.
