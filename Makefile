@@ -32,11 +32,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format ppl_em tests models benchmarks
 	$(VENV)/bin/ruff check --fix ppl_em tests models benchmarks
 
+# Two processes, each taking whole test files (module fixtures such as the Dask cluster
+# and the cross-check fits are built once).
 test: lint
-	$(PY) -m pytest -ra --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile -ra --durations=15
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -ra -m slow --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile -ra -m slow --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

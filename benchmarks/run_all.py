@@ -10,13 +10,21 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks import bench_pymc, bench_sklearn, bench_starts, bench_startup, bench_stderr
+from benchmarks import (
+    bench_bigdata,
+    bench_pymc,
+    bench_sklearn,
+    bench_starts,
+    bench_startup,
+    bench_stderr,
+)
 from benchmarks._common import REPORTS
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    for module in (bench_startup, bench_sklearn, bench_pymc, bench_starts, bench_stderr):
+    modules = (bench_startup, bench_sklearn, bench_pymc, bench_starts, bench_stderr, bench_bigdata)
+    for module in modules:
         t0 = time.perf_counter()
         print(f"== {module.__name__}", flush=True)
         print(module.main(quick=quick), flush=True)

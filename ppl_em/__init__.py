@@ -9,6 +9,7 @@ from ppl_em import _setup
 
 _setup.configure()
 
+from ppl_em.bigdata import StreamedEMResult  # noqa: E402
 from ppl_em.errors import (  # noqa: E402
     ClosedFormUnavailableError,
     CollapseError,
@@ -40,6 +41,7 @@ __all__ = [
     "PplEmError",
     "PreparedEM",
     "StartError",
+    "StreamedEMResult",
     "compare",
     "fit",
     "prepare",

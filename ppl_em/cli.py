@@ -117,6 +117,14 @@ def load_data(path: Path, template):
     return array.astype(float)
 
 
+def load_column(path: Path, option: str) -> np.ndarray:
+    """One number per observation from a one-column .csv or a 1-d .npy."""
+    array = load_data(path, np.zeros(1))
+    if array.ndim != 1:
+        raise CliError(f"{option} {path}: give one column (one value per observation).")
+    return array
+
+
 def _model_and_data(args) -> tuple[str, ModuleType, object]:
     module = get_model(load_models(args.models_dir), args.model)
     data = module.default_data()
@@ -171,7 +179,13 @@ def cmd_fit(args) -> int:
     name, module, data = _model_and_data(args)
     model = module.build_model(data, k=_k(args, module))
     t0 = time.perf_counter()
-    result = ppl_em.fit(model, mode=args.mode, random_seed=args.seed, progressbar=args.progress)
+    observations = {
+        name: load_column(path, f"--{name}")
+        for name, path in (("weights", args.weights), ("labels", args.labels))
+        if path is not None
+    }
+    result = ppl_em.fit(model, mode=args.mode, random_seed=args.seed,
+                        progressbar=args.progress, **observations)  # fmt: skip
     elapsed = time.perf_counter() - t0
     try:
         se, se_note = standard_errors(result), ""
@@ -338,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_fit = sub.add_parser("fit", help="fit MODEL by EM: estimates, SEs, objective, time")
     _model_options(p_fit, "number of components (default: the model's K_DEFAULT)")
+    for option, what in (
+        ("--weights", "a weight per observation (>= 0; an integer counts like repeated rows)"),
+        ("--labels", "a known component per observation (0..K-1, -1 where unknown)"),
+    ):
+        p_fit.add_argument(option, type=Path, metavar="FILE", help=f"{what}: .csv or .npy")
     p_fit.set_defaults(func=cmd_fit)
 
     p_cmp = sub.add_parser("compare", help="EM + find_MAP + NUTS on MODEL, then an HTML report")

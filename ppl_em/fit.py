@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pymc as pm
 
+from ppl_em.bigdata import StreamedEMResult, backend_for, fit_data
 from ppl_em.diagnostics import select_run
 from ppl_em.em.convergence import GAP_TOL
 from ppl_em.em.loop import EMRun, run_em
 from ppl_em.em.starts import apply_start, check_support, default_start
 from ppl_em.em.step import em_data
+from ppl_em.observations import fix_parameters, with_observations
 from ppl_em.options import FIT_CONSTRAINTS, check_args
 from ppl_em.prepared import PreparedEM, apply_reg_covar, prepare
 from ppl_em.result import EMResult
@@ -62,6 +66,25 @@ def _check_prepared(prepared: PreparedEM, args: dict) -> None:
         )
 
 
+def _check_observation_args(streamed: bool, prepared, weights, labels, fixed) -> None:
+    given = [n for n, v in (("weights", weights), ("labels", labels), ("fixed", fixed))
+             if v is not None]  # fmt: skip
+    if streamed and given:
+        raise ValueError(
+            f"fit got {given[0]}= with data=/chunk_size=/client=/method='online': streamed "
+            f"fits do not take {given[0]} yet; fit in memory (omit data=) to use it."
+        )
+    if prepared is not None and fixed is not None:
+        raise ValueError(
+            "fit got fixed= with prepared=: fixed values change the model that is "
+            "compiled; omit prepared (fit compiles the model with them held)."
+        )
+
+
+def _fixed_values(fixed: Mapping) -> dict[str, np.ndarray]:
+    return {name: np.asarray(value, dtype=float) for name, value in fixed.items()}
+
+
 def _choose(prepared: PreparedEM, runs: list[EMRun]) -> tuple[EMRun, dict]:
     """Best restart and its diagnostics; collapsed restarts are never chosen."""
     functions = prepared.functions
@@ -103,7 +126,16 @@ def fit(
     prepared: PreparedEM | None = None,
     reg_covar: float = 0.0,
     accelerate: str | None = None,
-) -> EMResult:
+    data: Mapping | Iterable[Mapping] | None = None,
+    chunk_size: int | None = None,
+    client: Any = None,
+    method: str = "batch",
+    batch_size: int | None = None,
+    online_kwargs: Mapping | None = None,
+    weights: Any = None,
+    labels: Any = None,
+    fixed: Mapping | None = None,
+) -> EMResult | StreamedEMResult:
     """Fit the mixture in ``model`` by EM; usable as ``with model: ppl_em.fit()``.
 
     ``mode="map"`` (the default) maximises the marginal log posterior without Jacobian
@@ -125,24 +157,58 @@ def fit(
     scikit-learn, against collapse. ``result.diagnostics`` reports empty, identical and
     collapsed components (docs/failure-modes.md); collapsed restarts are never chosen.
     ``accelerate="squarem"`` extrapolates EM steps (SQUAREM) to need fewer E-steps.
+
+    Data beyond memory (README, "Big data"): ``data={name: array, ...}`` holds every
+    per-observation array (observed values and covariates, ``result.data_spec.names``)
+    as numpy arrays or memmaps, zarr arrays or dask arrays of any common length N; the
+    model is declared with a sample (or ``pm.Data``) of the same trailing shapes.
+    ``method="batch"`` (exact EM) streams it in chunks of ``chunk_size`` rows (default:
+    about 64 MB of working set each), or with ``client`` (a ``dask.distributed.Client``)
+    maps every E-step over partitions persisted on the workers. ``method="online"``
+    runs online EM (Cappé & Moulines) over one pass of ``data``, a dict of arrays or an
+    iterator of such dicts, in batches of ``batch_size`` rows; ``online_kwargs`` sets
+    ``kappa``, ``t0``, ``average``, ``burn_in``, ``min_obs``, ``warm_start``
+    (:class:`ppl_em.em.online.OnlineOptions`). The result is a
+    :class:`~ppl_em.bigdata.StreamedEMResult`: ``n_obs`` is N, and responsibilities
+    are computed for any data by ``result.predict_proba(data={...})``.
+
+    ``weights`` (one per observation, >= 0) counts observation i ``weights[i]`` times:
+    integer weights fit exactly like repeated rows, and BIC/ICL use ``sum(weights)`` as
+    N. ``labels`` (one per observation, -1 or masked where unknown) fixes the known
+    observations' components (semi-supervised EM). ``fixed={name: value}`` holds free
+    variables at given values (``pm.do``) and fits the rest; ``result.fixed`` has them.
     """
-    _check_fit_args({k: v for k, v in locals().items() if k != "start"})
+    unchecked = ("start", "data", "client", "weights", "labels", "fixed")
+    _check_fit_args({k: v for k, v in locals().items() if k not in unchecked})
     t0 = time.perf_counter()
+    big = any(v is not None for v in (data, chunk_size, client, batch_size, online_kwargs))
+    _check_observation_args(big or method != "batch", prepared, weights, labels, fixed)
     if prepared is None:
-        prepared = prepare(model, latent=latent, mode=mode or "map", mstep=mstep or "auto")
+        model = model if fixed is None else fix_parameters(pm.modelcontext(model), fixed)
+        prepared = prepare(model, latent=latent, mode=mode or "map", mstep=mstep or "auto",
+                           backend=backend_for(data) if big else "auto")  # fmt: skip
     prepared = apply_reg_covar(prepared, reg_covar)
+    if weights is not None or labels is not None:
+        observed = with_observations(prepared.functions, weights, labels)
+        prepared = prepared._replace(functions=observed)
     functions, config = prepared
     if exact_mstep:
         config = config._replace(grad_reduction=0.0)
-    starts = list(_starts(prepared, start, n_init, random_seed))
-    check_support(functions, starts[0])
-    data = em_data(functions, config)
     options = dict(
         max_iter=max_iter, tol=tol, gap_tol=gap_tol, progressbar=progressbar, accelerate=accelerate
     )
+    if big or method != "batch":
+        return fit_data(prepared._replace(config=config), data, options, start=start,
+                        n_init=n_init, random_seed=random_seed, chunk_size=chunk_size,
+                        client=client, method=method, batch_size=batch_size,
+                        online_kwargs=online_kwargs)  # fmt: skip
+    starts = list(_starts(prepared, start, n_init, random_seed))
+    check_support(functions, starts[0])
+    data = em_data(functions, config)
     runs = [run_em(functions, config, u, data=data, **options) for u in starts]
     best, diagnostics = _choose(prepared, runs)
-    return _result(prepared, best, diagnostics, runs, time.perf_counter() - t0)
+    result = _result(prepared, best, diagnostics, runs, time.perf_counter() - t0)
+    return result if fixed is None else dataclasses.replace(result, fixed=_fixed_values(fixed))
 
 
 def _result(

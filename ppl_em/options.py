@@ -17,6 +17,7 @@ MODES = ("map", "mle")
 MSTEPS = ("auto", "closed", "numeric")
 BACKENDS = ("auto", "c", "numba", "python")
 ACCELERATORS = (None, "squarem")
+METHODS = ("batch", "online")
 
 
 class Constraint(NamedTuple):
@@ -66,6 +67,10 @@ GAP = Constraint(
     "must be a positive number of nats (np.inf turns the rule off), e.g. 5e-7.",
 )
 
+ROWS = Constraint(
+    lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1."
+)
+
 FIT_CONSTRAINTS: dict[str, tuple[Constraint, ...]] = {
     "mode": (Constraint(lambda v: v is None or v in MODES, f"is not one of {MODES}."),),
     "mstep": (Constraint(lambda v: v is None or v in MSTEPS, f"is not one of {MSTEPS}."),),
@@ -78,6 +83,9 @@ FIT_CONSTRAINTS: dict[str, tuple[Constraint, ...]] = {
     "random_seed": (SEED, NON_NEGATIVE_SEED),
     "progressbar": (FLAG,),
     "accelerate": (one_of(ACCELERATORS),),
+    "method": (one_of(METHODS),),
+    "chunk_size": (ROWS,),
+    "batch_size": (ROWS,),
 }
 
 

@@ -42,6 +42,8 @@ class EMResult:
     objectives_per_init: tuple[float, ...] = ()
     # Findings about the fit (empty or identical components, collapse, ...), by name.
     diagnostics: dict = field(default_factory=dict)
+    # Parameters held at given values (``fit(fixed=...)``), by name.
+    fixed: dict = field(default_factory=dict)
 
     @property
     def responsibilities(self) -> np.ndarray:
@@ -60,6 +62,12 @@ class EMResult:
     def n_obs(self) -> int:
         """Number of observations N that the label ranges over."""
         return int(self.log_resp.shape[0])
+
+    @property
+    def n_weighted(self) -> float:
+        """The data's size as the criteria count it: N, or the sum of the weights."""
+        weights = self.prepared.functions.weights
+        return float(self.n_obs if weights is None else weights.sum())
 
     @property
     def n_parameters(self) -> int:
@@ -103,13 +111,15 @@ class EMResult:
 
     # Information criteria, lower is better (ppl_em.criteria)
     def bic(self) -> float:
-        return criteria.bic(self.loglik, self.n_parameters, self.n_obs)
+        return criteria.bic(self.loglik, self.n_parameters, self.n_weighted)
 
     def aic(self) -> float:
         return criteria.aic(self.loglik, self.n_parameters)
 
     def icl(self) -> float:
-        return criteria.icl(self.loglik, self.n_parameters, self.n_obs, self.log_resp)
+        weights = self.prepared.functions.weights
+        return criteria.icl(self.loglik, self.n_parameters, self.n_weighted, self.log_resp,
+                            weights)  # fmt: skip
 
     def joint_logp(self, **arrays: np.ndarray) -> np.ndarray:
         """n x K matrix ``log p(x_i, z_i = k | theta)`` at the estimate, over the fitted

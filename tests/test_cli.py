@@ -92,7 +92,6 @@ def test_load_data_csv_npy_and_clear_errors(tmp_path):
         cli.load_data(notes, poisson_counts.default_data())
 
 
-@pytest.mark.slow  # the standard errors' Hessian compiles for minutes
 def test_fit_prints_estimates_matching_the_library(capsys, tmp_path):
     csv = tmp_path / "coin.csv"
     csv.write_text("\n".join(map(str, coin.SEED_DATA)) + "\n")
@@ -106,6 +105,26 @@ def test_fit_prints_estimates_matching_the_library(capsys, tmp_path):
     assert f"BIC {ref.bic():.3f}" in out
     # Three near-identical coins: the information is singular and the CLI says so.
     assert "standard errors unavailable" in out
+
+
+def test_fit_takes_weights_and_labels_files(capsys, tmp_path):
+    counts = poisson_counts.default_data()
+    rng = np.random.default_rng(0)
+    weights = rng.integers(1, 4, counts.size)
+    labels = np.full(counts.size, -1)
+    labels[np.argmax(counts)] = 1
+    np.save(tmp_path / "w.npy", weights)
+    (tmp_path / "labels.csv").write_text("label\n" + "\n".join(map(str, labels)) + "\n")
+    status, out, _ = run(capsys, "fit", "poisson_counts", "--weights", str(tmp_path / "w.npy"),
+                         "--labels", str(tmp_path / "labels.csv"), "--no-progress")  # fmt: skip
+    assert status == 0
+    ref = ppl_em.fit(poisson_counts.build_model(), random_seed=0, weights=weights,
+                     labels=labels, progressbar=False)  # fmt: skip
+    assert f"log posterior: {ref.objective:.6f}" in out
+    assert f"BIC {ref.bic():.3f}" in out
+    (tmp_path / "bad.csv").write_text("1\n2\n")
+    status, _, err = run(capsys, "fit", "poisson_counts", "--weights", str(tmp_path / "bad.csv"))
+    assert status == 1 and "weights has shape (2,)" in err
 
 
 def test_compare_refuses_existing_output_before_sampling(capsys, tmp_path):

@@ -15,13 +15,13 @@ from models import MODELS
 from ppl_em.inference.crosscheck import TABLE_COLUMNS, compare
 from ppl_em.inference.relabel import relabel_draws
 
-# se_method="gradient" avoids compiling the PyTensor Hessian (tests/test_stderr.py checks
-# both methods against an independent reference).
-FAST = {"draws": 300, "tune": 300, "chains": 2, "cores": 1, "random_seed": 1,
-        "se_method": "gradient"}  # fmt: skip
+# Standard errors by Louis' identity (compare's default) compile nothing
+# (tests/test_stderr.py checks every method against an independent reference).
+FAST = {"draws": 300, "tune": 300, "chains": 2, "cores": 1, "random_seed": 1}
 # NUTS on the 2-D model (an MvNormal per observation and component) is the slowest;
 # it runs with the slow tests, on N=120 points.
-SLOW = {"gaussian_2d": {"data": lambda mod: mod.default_data(n=120)}}
+SLOW_DATA = {"gaussian_2d": lambda mod: mod.default_data(n=120)}
+SLOW = set(SLOW_DATA)
 
 
 def _params(names):
@@ -39,7 +39,7 @@ def comparisons():
     def get(name):
         if name not in cache:
             mod = MODELS[name]
-            data = SLOW[name]["data"](mod) if name in SLOW else None
+            data = SLOW_DATA[name](mod) if name in SLOW_DATA else None
             cache[name] = compare(mod.build_model(data), model_name=name, **FAST)
         return cache[name]
 

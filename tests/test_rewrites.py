@@ -123,9 +123,9 @@ def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     seen = []
     real = estep_module.fused_estep
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(_blas_threads(functions))
-        return real(*args)
+        return real(*args, **kwargs)
 
     # The E-step picks its pass when it runs (the NumPy pass for NumPy-backed rows);
     # both E-step entry points (the EM loop's em_init and e_step) must call it with one

@@ -50,6 +50,8 @@ class EMFunctions(NamedTuple):
     - ``compiled_rows``: whether ``rows`` is compiled code, not NumPy-backed Ops (which
       decides the pass over the rows, :func:`ppl_em.steps.estep.e_step`).
     - ``blas``: the process's BLAS thread pools, which the E-step limits to one thread.
+    - ``weights``, ``labels``: a weight per observation (it counts that many times) and
+      the known labels (-1 where unknown), or None; one per label (``graph.n_obs``).
     """
 
     graph: MixtureGraph
@@ -65,6 +67,8 @@ class EMFunctions(NamedTuple):
     unconstrain: Callable
     compiled_rows: bool
     blas: ThreadpoolController
+    weights: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
     @property
     def data_names(self) -> tuple[str, ...]:

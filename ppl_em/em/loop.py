@@ -11,7 +11,7 @@ from ppl_em.compiled.functions import EMFunctions
 from ppl_em.em import convergence
 from ppl_em.em.progress import Progress
 from ppl_em.em.squarem import SquaremCycle, stepper
-from ppl_em.em.step import EMData, EMState, em_data, em_init, expectations, with_log_resp
+from ppl_em.em.step import EMData, EMState, em_data, em_init
 from ppl_em.errors import ConvergenceWarning, NonMonotoneWarning
 from ppl_em.steps.mstep import MStepConfig
 from ppl_em.steps.numeric import scaled_gradient
@@ -49,8 +49,8 @@ def _stalled_step(step, functions, config, state, data) -> tuple[SquaremCycle, f
     cycle = step(functions, config._replace(grad_reduction=0.0), state, data, keep_resp=False)
     if not np.array_equal(cycle.state.u[mask], state.u[mask]):
         return cycle, None
-    batches = expectations(functions, with_log_resp(functions, state, data), data).batches
-    norm = scaled_gradient(functions, state.u, mask, batches)
+    _, q_functions, batches = data.expectations(functions, data.final(functions, state))
+    norm = scaled_gradient(q_functions, state.u, mask, batches)
     return cycle, (norm if norm > STALL_TOL else None)
 
 
@@ -101,7 +101,9 @@ def run_em(
     """Iterate until the objective changes by less than ``tol * |objective|`` and its
     estimated remaining gain is below ``gap_tol`` nats (:mod:`ppl_em.em.convergence`).
 
-    ``data`` (default: all the data ``functions`` hold, as one chunk) is built once;
+    ``data`` (default: all the data ``functions`` hold, as one chunk) is built once; a
+    :class:`ppl_em.em.mapped.StatsMap` runs the same loop over data streamed or on a
+    cluster (its last state then holds no N x K log-responsibilities);
     ``accelerate="squarem"`` iterates SQUAREM cycles (each up to 4 E-steps) instead of
     single EM steps; ``max_iter`` then counts cycles and ``EMRun.n_estep`` the E-steps.
     A numeric M-step that stops moving away from a stationary point ends the run
@@ -128,6 +130,6 @@ def run_em(
                 converged = True
                 break
     _warn(history, monotone, converged, max_iter, convergence.gap(stopping, history), stalled)
-    state = with_log_resp(functions, state, data)
+    state = data.final(functions, state)
     n_iter = len(history) - 1
     return EMRun(state, np.asarray(history), n_iter, converged, monotone, n_estep, stalled)

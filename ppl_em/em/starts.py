@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.em.kmeans import kmeans
@@ -47,6 +48,20 @@ def partition(features: np.ndarray, k: int, rng: np.random.Generator | None) -> 
     return labels
 
 
+def _with_known(labels: np.ndarray, known: np.ndarray, k: int) -> np.ndarray:
+    """The partition's clusters renamed to agree most with the known labels (an optimal
+    assignment on their contingency table), then the known labels themselves."""
+    given = known >= 0
+    if given.any():
+        table = np.zeros((k, k))
+        np.add.at(table, (labels[given], known[given]), 1.0)
+        clusters, names = linear_sum_assignment(-table)
+        rename = np.empty(k, dtype=int)
+        rename[clusters] = names
+        labels = rename[labels]
+    return np.where(given, known, labels)
+
+
 def soft_responsibilities(labels: np.ndarray, k: int) -> np.ndarray:
     gamma = np.full((labels.size, k), EPS / k)
     gamma[np.arange(labels.size), labels] += 1.0 - EPS
@@ -77,7 +92,10 @@ def default_start(
     far from the partition's parameters and start EM near a symmetric saddle.
     """
     k = functions.graph.n_components
-    gamma = soft_responsibilities(partition(data_features(functions), k, rng), k)
+    labels = partition(data_features(functions), k, rng)
+    if functions.labels is not None:
+        labels = _with_known(labels, functions.labels, k)
+    gamma = soft_responsibilities(labels, k)
     exact = config._replace(grad_reduction=0.0)
     return m_step_from_resp(functions, exact, initial_u(functions), gamma)
 

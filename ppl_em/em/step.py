@@ -2,8 +2,9 @@
 
 In the style of blackjax: ``em_init(functions, u, config)`` runs the E-step at ``u``;
 ``em_step(functions, config, state)`` runs the M-step from the state's expectations
-and the E-step at the new point. Both see the data only as :class:`EMData`: chunks of
-observations, each E-step the sum of ``e_step`` over them.
+and the E-step at the new point. Both see the data only through :class:`EMData`'s
+methods: chunks in memory here, each E-step the sum of ``e_step`` over them, or a
+:class:`ppl_em.em.mapped.StatsMap` for data streamed or on a cluster.
 """
 
 from __future__ import annotations
@@ -16,19 +17,53 @@ import numpy as np
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.errors import DataError
 from ppl_em.model.recognise import ClosedFormPlan
+from ppl_em.steps.closed_form import Batches
 from ppl_em.steps.columns import StatsRequest, stats_request
 from ppl_em.steps.estep import e_step, resp_batches, split, whole_data
-from ppl_em.steps.mstep import Expectations, MStepConfig, m_step
+from ppl_em.steps.mstep import Expectations, MStepConfig, closed_step, numeric_step
 from ppl_em.steps.stats import DataChunk, Stats, total
 
 _NO_PLAN = ClosedFormPlan((), frozenset(), {})
 
 
 class EMData(NamedTuple):
-    """The data of a fit as chunks, and the statistics request their columns follow."""
+    """The data of a fit as chunks in memory, and the statistics request their columns
+    follow.
+
+    An iteration reaches its data only through three methods, which
+    :class:`ppl_em.em.mapped.StatsMap` (data streamed from disk or held on a cluster)
+    also has, so one loop (:func:`ppl_em.em.loop.run_em`) runs over both:
+    ``estep`` (the additive statistics at ``u``), ``expectations`` (what the M-step
+    reads, and where a numeric M-step sums Q) and ``final`` (the last state as kept).
+    """
 
     chunks: tuple[DataChunk, ...]
     request: StatsRequest
+
+    def estep(self, functions: EMFunctions, u: np.ndarray, keep_resp: bool) -> Stats:
+        return total(e_step(functions, u, chunk, keep_resp) for chunk in self.chunks)
+
+    def expectations(
+        self, functions: EMFunctions, state: EMState
+    ) -> tuple[Expectations, EMFunctions, Batches]:
+        """The M-step's :class:`Expectations`, and ``(functions, batches)`` to sum Q over:
+        responsibilities are computed (once, from the kept log-responsibilities or an
+        E-step per chunk) only if asked for."""
+        cache: list = []
+
+        def batches():
+            if not cache:
+                cache.extend(resp_batches(functions, state.u, self.chunks, state.log_resp))
+            return cache
+
+        return Expectations(state.stats, self.request, batches), functions, batches
+
+    def final(self, functions: EMFunctions, state: EMState) -> EMState:
+        """``state`` with its log-responsibilities, recomputed at ``state.u`` if not kept."""
+        if state.log_resp is not None:
+            return state
+        stats = self.estep(functions, state.u, keep_resp=True)
+        return state._replace(stats=replace(state.stats, log_resp=stats.log_resp))
 
 
 def em_data(
@@ -88,8 +123,7 @@ def em_init(
     them (numeric variables).
     """
     data = em_data(functions, config) if data is None else data
-    keep = keep_resp or needs_resp(config)
-    stats = total(e_step(functions, u, chunk, keep) for chunk in data.chunks)
+    stats = data.estep(functions, u, keep_resp or needs_resp(config))
     extra, logprior = functions.fixed(u, *functions.fixed_data)
     loglik, logprior = stats.loglik + float(extra), float(logprior)
     objective = loglik + logprior if functions.mode == "map" else loglik
@@ -104,24 +138,7 @@ def em_init(
 
 def with_log_resp(functions: EMFunctions, state: EMState, data: EMData | None = None) -> EMState:
     """``state`` with its log-responsibilities, recomputed at ``state.u`` if not kept."""
-    if state.log_resp is not None:
-        return state
-    data = em_data(functions) if data is None else data
-    stats = total(e_step(functions, state.u, chunk, keep_resp=True) for chunk in data.chunks)
-    return state._replace(stats=replace(state.stats, log_resp=stats.log_resp))
-
-
-def expectations(functions: EMFunctions, state: EMState, data: EMData) -> Expectations:
-    """What the M-step reads from ``state``; responsibilities are computed (once, from
-    the kept log-responsibilities or an E-step per chunk) only if asked for."""
-    cache: list = []
-
-    def batches():
-        if not cache:
-            cache.extend(resp_batches(functions, state.u, data.chunks, state.log_resp))
-        return cache
-
-    return Expectations(state.stats, data.request, batches)
+    return (em_data(functions) if data is None else data).final(functions, state)
 
 
 def _same_columns(a: StatsRequest | None, b: StatsRequest) -> bool:
@@ -146,5 +163,7 @@ def em_step(
     if not _same_columns(state.request, data.request):
         # A state from another config's E-step: its statistics are of other columns.
         state = em_init(functions, state.u, config, data, state.log_resp is not None)
-    u = m_step(functions, config, state.u, expectations(functions, state, data))
+    ex, q_functions, q_batches = data.expectations(functions, state)
+    u = closed_step(functions, config, state.u, ex)
+    u = numeric_step(q_functions, config, u, q_batches)
     return em_init(functions, u, config, data, keep_resp)

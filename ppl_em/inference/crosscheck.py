@@ -331,7 +331,7 @@ def compare(
     progressbar: bool = False,
     nuts_sampler: str = "pymc",
     cores: int | None = None,
-    se_method: str = "gradient",
+    se_method: str = "louis",
     nuts_init: str = "em",
 ) -> Comparison:
     """Fit ``model`` by EM and check it against find_MAP (two starts) and NUTS.
@@ -339,7 +339,7 @@ def compare(
     ``em_kwargs`` go to :func:`ppl_em.fit` (``mode`` must stay ``"map"``); ``draws``,
     ``tune``, ``chains``, ``cores`` and ``nuts_sampler`` ("pymc" or "nutpie", which falls
     back to PyMC when not installed) go to ``pm.sample`` on the marginalised model.
-    ``se_method`` ("exact" or "gradient") goes to :func:`ppl_em.stderr.standard_errors`;
+    ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
     ``nuts_init`` is "em" (chains start at the jittered EM estimate) or "default".
     """
     timings = {}

@@ -68,12 +68,15 @@ class Information(NamedTuple):
 
 
 class _Base(NamedTuple):
-    """A chunk at ``u``: the rows, the responsibilities, and where they are positive."""
+    """A chunk at ``u``: the rows, the responsibilities (``gamma``; times the
+    observations' weights: ``counted``), and where they are positive."""
 
     chunk: object
     rows: np.ndarray
     gamma: np.ndarray
     positive: np.ndarray
+    counted: np.ndarray
+    weights: np.ndarray
 
 
 def _fixed(functions: EMFunctions, u: np.ndarray) -> float:
@@ -96,7 +99,8 @@ def _base(functions: EMFunctions, u: np.ndarray, chunk) -> _Base:
         gamma = np.exp(rows - top)
         gamma /= gamma.sum(axis=1, keepdims=True)
     gamma = np.where(np.isfinite(gamma), gamma, 0.0)
-    return _Base(chunk, rows, gamma, gamma > 0)
+    weights = np.ones(len(rows)) if chunk.weights is None else np.asarray(chunk.weights, float)
+    return _Base(chunk, rows, gamma, gamma > 0, gamma * weights[:, None], weights)
 
 
 class _Evaluator:
@@ -107,7 +111,8 @@ class _Evaluator:
         self.bases = [_base(functions, u, c) for c in chunks]
         self.fixed0 = _fixed(functions, u)
         with np.errstate(invalid="ignore"):  # 0 * inf where a component cannot be
-            sizes = [float(np.sum(b.gamma * np.abs(b.rows), where=b.positive)) for b in self.bases]
+            sizes = [float(np.sum(b.counted * np.abs(b.rows), where=b.positive))
+                     for b in self.bases]  # fmt: skip
         self.rounding = np.finfo(float).eps * (sum(sizes) + abs(self.fixed0))
 
     def change(self, base: _Base, delta: np.ndarray) -> np.ndarray:
@@ -121,7 +126,7 @@ class _Evaluator:
 
     def value(self, delta: np.ndarray) -> float:
         """``v(u + delta)``: the weighted change of the rows plus the fixed terms'."""
-        rows = sum(float(np.sum(b.gamma * self.change(b, delta))) for b in self.bases)
+        rows = sum(float(np.sum(b.counted * self.change(b, delta))) for b in self.bases)
         return rows + self.fixed_change(delta)
 
 
@@ -183,20 +188,20 @@ def _pieces(ev: _Evaluator, steps: np.ndarray) -> _Pieces:
     twin = np.zeros((d, d, 2))  # v(u + h_i e_i + h_j e_j), v(u - h_i e_i - h_j e_j)
     missing, gradient = np.zeros((d, d)), np.zeros(d)
     for base in ev.bases:
-        g = base.gamma
+        g, counted = base.gamma, base.counted
         scores = np.empty((*g.shape, d))
         for j, e in enumerate(units):
             up, down = ev.change(base, e), ev.change(base, -e)
-            plus[j] += np.sum(g * up)
-            minus[j] += np.sum(g * down)
+            plus[j] += np.sum(counted * up)
+            minus[j] += np.sum(counted * down)
             scores[..., j] = (up - down) / (2 * steps[j])
         for i, j in pairs:
-            twin[i, j, 0] += np.sum(g * ev.change(base, units[i] + units[j]))
-            twin[i, j, 1] += np.sum(g * ev.change(base, -units[i] - units[j]))
+            twin[i, j, 0] += np.sum(counted * ev.change(base, units[i] + units[j]))
+            twin[i, j, 1] += np.sum(counted * ev.change(base, -units[i] - units[j]))
         mean = np.einsum("nk,nkj->nj", g, scores)  # sbar_i
-        centred = (np.sqrt(g)[..., None] * (scores - mean[:, None, :])).reshape(-1, d)
+        centred = (np.sqrt(counted)[..., None] * (scores - mean[:, None, :])).reshape(-1, d)
         missing += centred.T @ centred
-        gradient += mean.sum(axis=0)
+        gradient += base.weights @ mean
     for j, e in enumerate(units):
         up, down = ev.fixed_change(e), ev.fixed_change(-e)
         plus[j] += up
@@ -218,7 +223,8 @@ def _objective(ev: _Evaluator) -> float:
     for base in ev.bases:
         top = np.max(base.rows, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            total += float(np.sum(top + np.log(np.sum(np.exp(base.rows - top[:, None]), 1))))
+            lse = top + np.log(np.sum(np.exp(base.rows - top[:, None]), 1))
+            total += float(base.weights @ lse)
     return total
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytensor.scalar as ps
+from pymc.exceptions import NotConstantValueError
 from pymc.pytensorf import constant_fold
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor import TensorVariable
@@ -59,6 +60,15 @@ def _is_reciprocal(var: TensorVariable) -> bool:
     return isinstance(op, Elemwise) and isinstance(op.scalar_op, ps.Reciprocal)
 
 
+def value_of(expr: TensorVariable) -> np.ndarray:
+    """The value of an expression of constants and shared variables (``pm.Data``, or a
+    variable fixed by ``pm.do``), which stay put while a model is fitted."""
+    try:
+        return np.asarray(constant_fold([expr])[0])
+    except NotConstantValueError:
+        return np.asarray(expr.eval())
+
+
 def all_elements(rv: TensorVariable) -> tuple:
     """Every element of ``rv`` as ``(rv, flat index)``, in order."""
     return tuple((rv, j) for j in range(int(np.prod(rv.type.shape)) if rv.ndim else 1))
@@ -74,7 +84,7 @@ def _indexed(base, graph: MixtureGraph, items: tuple, inverse: bool):
         return all_elements(base), inverse, ("k", "d")
     if not inverse and not set(ancestors([base])) & params:
         # A known per-component constant such as sigma_known[z]: shape (1, K).
-        return np.asarray(constant_fold([base])[0])[None, :]
+        return value_of(base)[None, :]
     return None
 
 
@@ -106,7 +116,7 @@ def param_slot(expr, graph: MixtureGraph, k: int | None, data: DataSpec | None, 
     if above & set(leaves):
         return None  # an expression of per-observation data
     if not (above & (params | {graph.label_rv} - {None})):
-        return np.asarray(constant_fold([expr])[0])
+        return value_of(expr)
     inverse = _is_reciprocal(expr)
     if inverse:
         expr = strip(expr.owner.inputs[0])

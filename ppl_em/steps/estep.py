@@ -36,17 +36,21 @@ def one_blas_thread(blas: ThreadpoolController | None):
 def whole_data(functions: EMFunctions, request: StatsRequest | None = None) -> DataChunk:
     """All the data ``functions`` hold as one chunk, with ``request``'s columns."""
     columns = None if request is None else request.columns(functions.data)
-    return DataChunk(functions.data, 0, columns)
+    return DataChunk(functions.data, 0, columns, functions.weights, functions.labels)
 
 
 def split(functions: EMFunctions, size: int, request: StatsRequest | None = None):
     """The data ``functions`` hold in chunks of ``size`` observations (the last shorter)."""
     n = functions.data[0].shape[0]
+    per_row = functions.graph.labels_per_row
+    cut = lambda v, a: None if v is None else v[a * per_row : (a + size) * per_row]  # noqa: E731
     chunks = []
     for a in range(0, n, size):
         arrays = tuple(x[a : a + size] for x in functions.data)
         columns = None if request is None else request.columns(arrays)
-        chunks.append(DataChunk(arrays, a, columns))
+        chunks.append(
+            DataChunk(arrays, a, columns, cut(functions.weights, a), cut(functions.labels, a))
+        )
     return chunks
 
 
@@ -77,34 +81,58 @@ def e_step(
     # The rows may be the compiled function's own buffers: read them before anyone
     # (another thread included) calls it again.
     with one_blas_thread(functions.blas), functions.rows.lock:
-        rows = functions.rows(u, *chunk.arrays)
+        rows = _labelled(functions.rows(u, *chunk.arrays), chunk.labels)
         n = len(rows[0])
-        log_resp, loglik, nk, s = fused(rows, chunk.columns, keep_resp)
+        log_resp, loglik, nk, s = fused(rows, chunk.columns, keep_resp, weights=chunk.weights)
         if not np.isfinite(loglik):
             if log_resp is None:
-                log_resp = fused(functions.rows(u, *chunk.arrays), None, True)[0]
+                again = _labelled(functions.rows(u, *chunk.arrays), chunk.labels)
+                log_resp = fused(again, None, True)[0]
             raise DataError(_nonfinite_message(functions, chunk, log_resp))
     return Stats(n, loglik, nk, s, log_resp)
+
+
+def _labelled(rows: list, labels: np.ndarray | None) -> list:
+    """The rows with the known labels imposed: an observation known to come from
+    component c has ``log p(x_i, z_i = k) = -inf`` for every other k, so its
+    responsibilities are one-hot and its log-likelihood is ``log p(x_i, z_i = c)``."""
+    if labels is None:
+        return rows
+    known = labels >= 0
+    out = []
+    for k, row in enumerate(rows):
+        row = np.array(row, dtype=np.float64)  # the compiled function's buffer stays whole
+        row[known & (labels != k)] = -np.inf
+        out.append(row)
+    return out
 
 
 def joint(functions: EMFunctions, u: np.ndarray, chunk: DataChunk | None = None) -> np.ndarray:
     """The n x K matrix ``log p(x_i, z_i = k | theta)`` over ``chunk`` (default: all data)."""
     arrays = functions.data if chunk is None else chunk.arrays
+    labels = None if chunk is None else chunk.labels
     with one_blas_thread(functions.blas), functions.rows.lock:
-        return np.stack(functions.rows(u, *arrays), axis=1)
+        return np.stack(_labelled(functions.rows(u, *arrays), labels), axis=1)
 
 
 def resp_batches(functions: EMFunctions, u: np.ndarray, chunks, log_resp=None):
-    """``(gamma_t, chunk)`` per chunk at ``u``: the K x n responsibilities, from the
-    whole data's ``log_resp`` when given, else from an E-step per chunk."""
+    """``(gamma_t, chunk)`` per chunk at ``u``: the K x n responsibilities (times the
+    observations' weights), from the whole data's ``log_resp`` when given, else from an
+    E-step per chunk."""
     if log_resp is not None:
         per_row = functions.graph.labels_per_row
         for chunk in chunks:
             part = log_resp[chunk.start * per_row : (chunk.start + chunk.n) * per_row]
-            yield np.exp(part.T), chunk
+            yield _weighted(np.exp(part.T), chunk), chunk
         return
     for chunk in chunks:
-        yield np.exp(e_step(functions, u, chunk, keep_resp=True).log_resp.T), chunk
+        log_resp = e_step(functions, u, chunk, keep_resp=True).log_resp
+        yield _weighted(np.exp(log_resp.T), chunk), chunk
+
+
+def _weighted(gamma_t: np.ndarray, chunk: DataChunk) -> np.ndarray:
+    """Responsibilities as the M-step counts them: times each observation's weight."""
+    return gamma_t if chunk.weights is None else gamma_t * chunk.weights[None, :]
 
 
 def q_and_grad(

@@ -168,25 +168,37 @@ def _sum_log(tot, n, lanes, bits):
 
 
 @njit(**_JIT)
-def _block(rows, out, cols, a, n, nk, s, mx, tot, lse, e, bits, lanes):
+def _block(rows, out, cols, wts, a, n, nk, s, mx, tot, lse, e, bits, lanes):
     """One block of observations ``a:a+n``; returns its log-likelihood. With ``out`` of
-    zero rows the log-responsibilities are not written and the log-likelihood takes one
-    log per LANES observations instead of one per observation."""
+    zero rows the log-responsibilities are not written and (without weights) the
+    log-likelihood takes one log per LANES observations instead of one per observation.
+    With weights ``wts`` (one per observation; none when empty) every observation's
+    log-likelihood and statistics count ``wts[i]`` times; its responsibilities do not
+    change."""
     k_total = len(rows)
     _weights(rows, a, n, mx, tot, e, bits)
     keep = out.shape[0] > 0
+    weighted = wts.shape[0] > 0
     loglik = 0.0
-    if keep:
+    if keep or weighted:
         log_positive(tot, lse, bits, n)
         for i in range(n):
             lse[i] += mx[i]
-            loglik += lse[i]
+        if weighted:
+            for i in range(n):
+                loglik += wts[a + i] * lse[i]
+        else:
+            for i in range(n):
+                loglik += lse[i]
     else:
         for i in range(n):
             loglik += mx[i]
         loglik += _sum_log(tot, n, lanes, bits)
     for i in range(n):
         tot[i] = 1.0 / tot[i]
+    if weighted:
+        for i in range(n):
+            tot[i] *= wts[a + i]
     for k in range(k_total):
         ek = e[k]
         acc = 0.0
@@ -209,7 +221,7 @@ def _block(rows, out, cols, a, n, nk, s, mx, tot, lse, e, bits, lanes):
 
 
 @njit(**_JIT)
-def _run(rows, out, cols, start, stop, nk, s):
+def _run(rows, out, cols, wts, start, stop, nk, s):
     """Blocks over observations ``start:stop``; adds into ``nk`` and ``s``."""
     k_total = len(rows)
     mx, tot, lse = np.empty(BLOCK), np.empty(BLOCK), np.empty(BLOCK)
@@ -219,7 +231,7 @@ def _run(rows, out, cols, start, stop, nk, s):
     loglik = 0.0
     for a in range(start, stop, BLOCK):
         n = min(BLOCK, stop - a)
-        loglik += _block(rows, out, cols, a, n, nk, s, mx, tot, lse, e, bits, lanes)
+        loglik += _block(rows, out, cols, wts, a, n, nk, s, mx, tot, lse, e, bits, lanes)
     return loglik
 
 
@@ -241,7 +253,12 @@ def _as_rows(joint, keep: bool) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
 
 
 def compiled_fused_estep(
-    joint, columns: np.ndarray | None = None, keep: bool = True, *, workers: int | None = None
+    joint,
+    columns: np.ndarray | None = None,
+    keep: bool = True,
+    *,
+    workers: int | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, float, np.ndarray, np.ndarray]:
     """:func:`ppl_em.steps.passes.fused_estep` by the numba kernel.
 
@@ -262,6 +279,7 @@ def compiled_fused_estep(
     cut = (n // 2 // BLOCK) * BLOCK if workers >= 2 else n
     spans = [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
     parts = [(np.zeros(k_total), np.zeros((columns.shape[0], k_total))) for _ in spans]
-    logliks = run_split(lambda j: _run(rows, out, columns, *spans[j], *parts[j]), len(spans))
+    wts = np.zeros(0) if weights is None else np.require(weights, np.float64, "C").reshape(n)
+    logliks = run_split(lambda j: _run(rows, out, columns, wts, *spans[j], *parts[j]), len(spans))
     nk, s = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return (out.T if keep else None), float(sum(logliks)), nk, s

@@ -162,7 +162,8 @@ def expectations_from_resp(
     functions: EMFunctions, config: MStepConfig, gamma: np.ndarray, chunk: DataChunk | None = None
 ) -> Expectations:
     """:class:`Expectations` of given n x K responsibilities of ``chunk`` (default: all
-    the data ``functions`` hold), e.g. a soft partition for a starting point."""
+    the data ``functions`` hold), e.g. a soft partition for a starting point; they count
+    as many times as the chunk's observation weights say."""
     request = stats_request(
         config.plan, functions.data_names, functions.data, functions.graph.labels_per_row
     )
@@ -171,6 +172,8 @@ def expectations_from_resp(
     elif chunk.columns is None:
         chunk = chunk._replace(columns=request.columns(chunk.arrays))
     gamma_t = np.ascontiguousarray(np.asarray(gamma, dtype=float).T)
+    if chunk.weights is not None:
+        gamma_t = gamma_t * chunk.weights[None, :]
     stats = stats_from_resp(gamma_t.T, chunk.columns)
     return Expectations(stats, request, lambda: [(gamma_t, chunk)])
 

@@ -24,7 +24,7 @@ PARALLEL_MIN = 2_000_000
 MAX_WORKERS = 4
 
 
-def _chunk_stats(block, cols, out, scratch) -> float:
+def _chunk_stats(block, cols, wts, out, scratch) -> float:
     """E-step on one K x n block of the transposed joint, in place; returns its loglik.
 
     Row-wise ``maximum``/``add`` over the K rows and one ``dot`` per (component, column)
@@ -46,15 +46,21 @@ def _chunk_stats(block, cols, out, scratch) -> float:
     lse += mx
     np.subtract(block, lse, out=block)
     np.reciprocal(tot, out=tot)
+    if wts is not None:  # each observation counts wts[i] times; its responsibilities stay
+        tot *= wts
+    _accumulate(e, tot, cols, nk, s, k)
+    return float(lse.sum() if wts is None else wts @ lse)
+
+
+def _accumulate(e, tot, cols, nk, s, k) -> None:
     for j in range(k):
         gamma = np.multiply(e[j], tot, out=e[j])
         nk[j] += gamma.sum()
         for m, v in enumerate(cols):
             s[m, j] += np.dot(gamma, v)
-    return float(lse.sum())
 
 
-def _run_chunks(joint_t, columns, starts, width) -> tuple[float, tuple]:
+def _run_chunks(joint_t, columns, weights, starts, width) -> tuple[float, tuple]:
     """The chunks beginning at ``starts``, with their own scratch and accumulators."""
     k = joint_t.shape[0]
     out = (np.zeros(k), np.zeros((columns.shape[0], k)))
@@ -65,13 +71,14 @@ def _run_chunks(joint_t, columns, starts, width) -> tuple[float, tuple]:
     with np.errstate(invalid="ignore", divide="ignore"):
         for a in starts:
             part = columns[:, a : a + width]
-            loglik += _chunk_stats(joint_t[:, a : a + width], part, out, scratch)
+            wts = None if weights is None else weights[a : a + width]
+            loglik += _chunk_stats(joint_t[:, a : a + width], part, wts, out, scratch)
     return loglik, out
 
 
 def fused_estep(
     joint_t, columns: np.ndarray | None = None, keep: bool = True, *,
-    chunk: int = CHUNK, workers: int | None = None,
+    chunk: int = CHUNK, workers: int | None = None, weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, float, np.ndarray, np.ndarray]:  # fmt: skip
     """One pass over the K x n transposed joint (or a sequence of its rows, stacked
     here); see the module docstring for what it returns.
@@ -82,7 +89,8 @@ def fused_estep(
     ``chunk`` observations make the dozen passes cost little more than one; large n is
     split into one contiguous run of chunks per core (``workers`` of them; by default
     one below ``PARALLEL_MIN`` observations, else every usable core up to
-    ``MAX_WORKERS``), a fixed split, so results do not depend on thread timing.
+    ``MAX_WORKERS``), a fixed split, so results do not depend on thread timing. With
+    ``weights`` each observation's log-likelihood and statistics count that many times.
     """
     joint_t = np.require(joint_t, dtype=np.float64, requirements=("C", "W"))
     n = joint_t.shape[1]
@@ -97,11 +105,13 @@ def fused_estep(
         starts[i * len(starts) // workers : (i + 1) * len(starts) // workers]
         for i in range(workers)
     ]
+    weights = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(n)
     if workers == 1:
-        results = [_run_chunks(joint_t, columns, starts, width)]
+        results = [_run_chunks(joint_t, columns, weights, starts, width)]
     else:
         with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(lambda r: _run_chunks(joint_t, columns, r, width), runs))
+            work = lambda r: _run_chunks(joint_t, columns, weights, r, width)  # noqa: E731
+            results = list(pool.map(work, runs))
     nk = sum(r[1][0] for r in results) if results else np.zeros(joint_t.shape[0])
     s = sum(r[1][1] for r in results) if results else np.zeros((columns.shape[0], joint_t.shape[0]))
     loglik = float(sum(r[0] for r in results))

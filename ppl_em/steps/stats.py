@@ -23,12 +23,15 @@ TINY = float(np.finfo(np.float64).tiny)
 
 class DataChunk(NamedTuple):
     """A run of observations: the per-observation arrays (in ``EMFunctions.data_names``
-    order), the index of its first observation in the whole data, and its statistics
-    columns (M x n, or None when no statistics are asked for)."""
+    order), the index of its first observation in the whole data, its statistics
+    columns (M x n, or None when no statistics are asked for), and optionally a weight
+    per observation (it counts that many times) and known labels (-1 where unknown)."""
 
     arrays: tuple[np.ndarray, ...]
     start: int = 0
     columns: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
     @property
     def n(self) -> int:
