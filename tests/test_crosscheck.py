@@ -19,9 +19,11 @@ from ppl_em.inference.relabel import relabel_draws
 # (tests/test_stderr.py checks every method against an independent reference).
 FAST = {"draws": 300, "tune": 300, "chains": 2, "cores": 1, "random_seed": 1}
 # NUTS on the 2-D model (an MvNormal per observation and component) is the slowest;
-# it runs with the slow tests, on N=120 points.
+# it runs with the slow tests, on N=120 points. The models added for latent classes,
+# gated experts and Student-t components compile find_MAP and NUTS for graphs of their
+# own: 40-240 s each on a cold compile cache, so they are slow cases from the start.
 SLOW_DATA = {"gaussian_2d": lambda mod: mod.default_data(n=120)}
-SLOW = set(SLOW_DATA)
+SLOW = {"gaussian_2d", "latent_class", "experts", "student_t"}
 
 
 def _params(names):
