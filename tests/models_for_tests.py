@@ -50,3 +50,17 @@ def gaussian_mixture(x, k=3):
         sigma = pm.HalfNormal("sigma", 5.0, shape=k)
         pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
     return model
+
+
+def mvnormal_mixture(x):
+    """Two 2-D MvNormal components, LKJ Cholesky covariances (a pm.Mixture)."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=(2, 2))
+        chol = [
+            pm.LKJCholeskyCov(f"chol{k}", n=2, eta=2.0, sd_dist=pm.HalfNormal.dist(3.0))[0]
+            for k in range(2)
+        ]
+        comps = [pm.MvNormal.dist(mu=mu[k], chol=chol[k]) for k in range(2)]
+        pm.Mixture("x", w=w, comp_dists=comps, observed=x)
+    return model

@@ -21,7 +21,12 @@ import pytest
 import ppl_em
 from models import MODELS
 from ppl_em.bigdata import StreamedEMResult
-from tests.models_for_tests import gaussian_data, gaussian_label, gaussian_mixture
+from tests.models_for_tests import (
+    gaussian_data,
+    gaussian_label,
+    gaussian_mixture,
+    mvnormal_mixture,
+)
 
 N = 3000
 SAMPLE = 300
@@ -34,19 +39,6 @@ def _flat_gaussian_label(x, k=3):
         sigma = pm.HalfFlat("sigma", shape=k)
         z = pm.Categorical("z", p=w, shape=len(x))
         pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
-    return model
-
-
-def _mvnormal_mixture(x):
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(2))
-        mu = pm.Normal("mu", 0.0, 10.0, shape=(2, 2))
-        chol = [
-            pm.LKJCholeskyCov(f"chol{k}", n=2, eta=2.0, sd_dist=pm.HalfNormal.dist(3.0))[0]
-            for k in range(2)
-        ]
-        comps = [pm.MvNormal.dist(mu=mu[k], chol=chol[k]) for k in range(2)]
-        pm.Mixture("x", w=w, comp_dists=comps, observed=x)
     return model
 
 
@@ -85,7 +77,7 @@ CASES = {
     "normal-label": (_flat_gaussian_label, "normal", "mle"),
     "normal-mixture": (gaussian_mixture, "normal", "mle"),
     "mvnormal-label": (_gaussian_2d, "mvnormal", "mle"),
-    "mvnormal-mixture": (_mvnormal_mixture, "mvnormal", "mle"),
+    "mvnormal-mixture": (mvnormal_mixture, "mvnormal", "mle"),
     "numeric-label": (_regression_label, "regression", "map"),
     "numeric-mixture": (_regression_data_mixture, "regression", "map"),
 }

@@ -22,7 +22,7 @@ from ppl_em.model import analyse_model
 from ppl_em.steps import DataChunk, e_step, q_and_grad, whole_data
 from ppl_em.steps.columns import stats_request
 from ppl_em.steps.stats import total
-from tests.models_for_tests import coin_mixture, gaussian_label
+from tests.models_for_tests import coin_mixture, gaussian_label, mvnormal_mixture
 
 RNG = np.random.default_rng(12)
 
@@ -41,19 +41,6 @@ def _poisson_mixture(x):
         w = pm.Dirichlet("w", a=np.ones(2))
         mu = pm.Gamma("mu", 2.0, 0.2, shape=2)
         pm.Mixture("counts", w=w, comp_dists=pm.Poisson.dist(mu=mu), observed=x)
-    return model
-
-
-def _mvnormal_mixture(x):
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(2))
-        mu = pm.Normal("mu", 0.0, 10.0, shape=(2, 2))
-        chol = [
-            pm.LKJCholeskyCov(f"chol{k}", n=2, eta=2.0, sd_dist=pm.HalfNormal.dist(3.0))[0]
-            for k in range(2)
-        ]
-        comps = [pm.MvNormal.dist(mu=mu[k], chol=chol[k]) for k in range(2)]
-        pm.Mixture("x", w=w, comp_dists=comps, observed=x)
     return model
 
 
@@ -89,7 +76,7 @@ FORMS = {
     "exponential": ("exponential", _exponential_label),
     "normal": ("gaussian_1d", gaussian_label),
     "poisson": ("poisson_counts", _poisson_mixture),
-    "mvnormal": ("gaussian_2d", _mvnormal_mixture),
+    "mvnormal": ("gaussian_2d", mvnormal_mixture),
     "regression": ("regression_mixture", _regression_mixture),
     "student_t": ("student_t", _student_t_label),
     "latent_class": ("latent_class", None),
