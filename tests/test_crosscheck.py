@@ -134,3 +134,22 @@ def test_se_within_20_percent_of_posterior_sd_long_run(name):
     ratio = comp.table["em_se"] / comp.table["post_sd"]
     assert ratio.between(0.8, 1.2).all(), ratio
     assert comp.table["em_in_hdi"].all()
+
+
+@pytest.mark.parametrize("name", ["weights", "labels"])
+def test_weights_and_labels_are_refused_before_any_fitting(name):
+    model = MODELS["exponential"].build_model(None)
+    with pytest.raises(ValueError, match=rf"em_kwargs {name}=: find_MAP and NUTS"):
+        compare(model, em_kwargs={name: np.zeros(2000, dtype=int)}, **FAST)
+
+
+@pytest.mark.slow
+def test_parameters_held_fixed_are_constants_for_find_map_and_nuts():
+    mod = MODELS["exponential"]
+    comp = compare(mod.build_model(None), em_kwargs={"fixed": {"w": [0.4, 0.6]}}, **FAST)
+    assert set(comp.em.params) == {"lam"}
+    assert not any(row.startswith("w") for row in comp.table.index)
+    # find_MAP from EM's estimate stays there: both maximise the same posterior, in lam.
+    assert abs(comp.logp_map_from_em - comp.em.log_posterior) < 1e-5
+    np.testing.assert_allclose(comp.map_from_em["lam"], comp.em.params["lam"], atol=2e-3)
+    assert comp.table["em_in_hdi"].all()

@@ -32,6 +32,7 @@ from ppl_em.inference.relabel import (
     relabel_draws,
 )
 from ppl_em.inference.stderr import standard_errors
+from ppl_em.observations import fix_parameters
 from ppl_em.result import EMResult
 
 TABLE_COLUMNS = ("em", "em_se", "find_map", "post_mean", "post_sd", "hdi_3%", "hdi_97%",
@@ -300,6 +301,13 @@ def _em_fit(model, latent, em_kwargs) -> EMResult:
     # A tighter tol than fit's default: find_MAP started at the estimate is then expected
     # to move the log posterior by well under 1e-5 (EM converges only linearly).
     kwargs = {"progressbar": False, "tol": 1e-10, **(em_kwargs or {})}
+    for name in ("weights", "labels"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"em_kwargs {name}=: find_MAP and NUTS fit the model as written, which has "
+                f"no {name}, so EM would be checked against another objective. Cross-check "
+                f"without {name}= (ppl_em.fit takes it), or write them into the model."
+            )
     if kwargs.get("mode", "map") != "map":
         raise ValueError(
             f"em_kwargs mode={kwargs['mode']!r}: the cross-check compares with find_MAP and "
@@ -336,7 +344,9 @@ def compare(
 ) -> Comparison:
     """Fit ``model`` by EM and check it against find_MAP (two starts) and NUTS.
 
-    ``em_kwargs`` go to :func:`ppl_em.fit` (``mode`` must stay ``"map"``); ``draws``,
+    ``em_kwargs`` go to :func:`ppl_em.fit` (``mode`` must stay ``"map"``; parameters it
+    holds ``fixed`` are constants for find_MAP and NUTS too; ``weights`` and ``labels``
+    are refused, as PyMC's references would fit another objective); ``draws``,
     ``tune``, ``chains``, ``cores`` and ``nuts_sampler`` ("pymc" or "nutpie", which falls
     back to PyMC when not installed) go to ``pm.sample`` on the marginalised model.
     ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
@@ -351,7 +361,8 @@ def compare(
     timings["stderr"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    marg = marginal_model(model, em)
+    # find_MAP and NUTS see the parameters EM held fixed as constants too (pm.do).
+    marg = marginal_model(fix_parameters(model, em.fixed) if em.fixed else model, em)
     map_em, logp_em, map_def, logp_def, note = _find_maps(marg, em, notes)
     timings["find_map"] = time.perf_counter() - t0
 
