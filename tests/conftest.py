@@ -6,6 +6,15 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and "compiledir_format" not in os.environ["PYTENSOR_FLAGS"]:
+    # PyTensor lets one process at a time compile into a compile directory (a file
+    # lock), so two test processes sharing one take turns at the compiler on a cold
+    # cache; each gets its own (benchmarks/README.md, "The workflow, cold").
+    os.environ["PYTENSOR_FLAGS"] += (
+        ",compiledir_format=compiledir_%(short_platform)s-%(processor)s-"
+        f"%(python_version)s-%(python_bitwidth)s-{_WORKER}"
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
