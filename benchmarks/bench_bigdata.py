@@ -49,6 +49,17 @@ def _u0(functions):
     return apply_start(functions, START_1D, np.zeros(functions.layout.size))
 
 
+def _seconds_per_iteration(functions, config, smap) -> tuple[float, np.ndarray]:
+    """Mean time of ``ITERS`` EM iterations over ``smap`` after one warm-up, and the
+    parameters they reached."""
+    state = em_init(functions, _u0(functions), config, smap, keep_resp=False)
+    state = em_step(functions, config, state, smap, keep_resp=False)
+    t0 = time.perf_counter()
+    for _ in range(ITERS):
+        state = em_step(functions, config, state, smap, keep_resp=False)
+    return (time.perf_counter() - t0) / ITERS, state.u
+
+
 def in_memory_per_iter(x: np.ndarray) -> float:
     """Seconds per EM iteration with all of ``x`` in memory (compiled before timing)."""
     functions, config = ppl_em.prepare(flat_mixture(x), mode="mle", backend="c")
@@ -66,18 +77,7 @@ def streamed_per_iter(prepared, data: dict, chunk_size: int | None = None) -> fl
     functions, config = prepared
     source = open_source(functions, data, chunk_size)
     request = request_from_scan(config.plan, functions.data_names, scan(source))
-    smap = local_map(functions, source, request)
-    state = em_step(
-        functions,
-        config,
-        em_init(functions, _u0(functions), config, smap, keep_resp=False),
-        smap,
-        keep_resp=False,
-    )
-    t0 = time.perf_counter()
-    for _ in range(ITERS):
-        state = em_step(functions, config, state, smap, keep_resp=False)
-    return (time.perf_counter() - t0) / ITERS
+    return _seconds_per_iteration(functions, config, local_map(functions, source, request))[0]
 
 
 _CHILD = """
@@ -134,20 +134,9 @@ def _cluster_per_iter(prepared, x: np.ndarray, workers: int, chunk_size: int) ->
         t0 = time.perf_counter()
         dd = persist_data(client, functions, config, {"x": x}, chunk_size)
         persist_s = time.perf_counter() - t0
-        smap = dask_map(functions, dd)
-        state = em_step(
-            functions,
-            config,
-            em_init(functions, _u0(functions), config, smap, keep_resp=False),
-            smap,
-            keep_resp=False,
-        )
-        t0 = time.perf_counter()
-        for _ in range(ITERS):
-            state = em_step(functions, config, state, smap, keep_resp=False)
-        per_iter = (time.perf_counter() - t0) / ITERS
+        per_iter, u = _seconds_per_iteration(functions, config, dask_map(functions, dd))
         # One partition's E-step alone, and one 8-way reduce of Stats, on a worker.
-        one = _one_partition(client, dd, state.u)
+        one = _one_partition(client, dd, u)
     return {"per_iter": per_iter, "persist_s": persist_s, "partitions": len(dd.chunks), **one}
 
 

@@ -6,6 +6,7 @@ closed-form plan, compiled functions) reads the model only through it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,10 +67,8 @@ def _is_discrete(rv: TensorVariable) -> bool:
 def _static_shape(var: TensorVariable, model: pm.Model | None = None) -> tuple[int, ...]:
     """``var``'s shape now: a constant, or read off the model's data and coordinate
     lengths (``pm.Data``, ``dims``), which are fixed while the model is being fitted."""
-    try:
+    with contextlib.suppress(NotConstantValueError):
         return tuple(int(s) for s in constant_fold(tuple(var.shape)))
-    except NotConstantValueError:
-        pass
     if model is not None and var in model.observed_RVs:
         return tuple(observed_data(model, var).shape)
     try:
