@@ -84,3 +84,14 @@ def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabel:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def objective_at(prepared, point: dict) -> float:
+    """ppl_em's objective (log-likelihood plus log prior) at a point of constrained
+    values by variable name, such as the one ``pm.find_MAP`` returns."""
+    from ppl_em.em import apply_start, em_init
+
+    f = prepared.functions
+    u = apply_start(f, {k: point[k] for k in f.layout.rv_names}, np.zeros(f.layout.size))
+    state = em_init(f, u)
+    return float(state.loglik + state.logprior)

@@ -13,6 +13,7 @@ import time
 from benchmarks import (
     bench_bigdata,
     bench_pymc,
+    bench_regression,
     bench_sklearn,
     bench_starts,
     bench_startup,
@@ -23,7 +24,8 @@ from benchmarks._common import REPORTS
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    modules = (bench_startup, bench_sklearn, bench_pymc, bench_starts, bench_stderr, bench_bigdata)
+    modules = (bench_startup, bench_sklearn, bench_pymc, bench_regression, bench_starts,
+               bench_stderr, bench_bigdata)  # fmt: skip
     for module in modules:
         t0 = time.perf_counter()
         print(f"== {module.__name__}", flush=True)

@@ -29,8 +29,10 @@ def build_model(data: tuple[np.ndarray, np.ndarray] | None = None, k: int = K_DE
     """``z ~ Categorical(w)``, ``y ~ Normal(alpha[z] + beta[z] * x, sigma[z])``.
 
     ``data`` is ``(x, y)``. Normal(0, 10) intercepts and slopes, HalfNormal(3) noise
-    scales. The mean is not a plain component parameter, so ppl_em's M-step is numeric
-    for alpha, beta and sigma and closed form for the weights.
+    scales. The mean is a linear predictor, so ppl_em's M-step is weighted least
+    squares from the E-step's statistics: in closed form with flat priors (or
+    ``mode="mle"``), by Newton's method on Q written in those statistics with these
+    priors; closed form for the weights.
     """
     x, y = default_data() if data is None else (np.asarray(d, dtype=float) for d in data)
     if x.shape != y.shape:

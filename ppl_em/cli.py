@@ -9,20 +9,15 @@ directory is a Python package whose ``MODELS`` dict maps names to modules with
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
+from ppl_em.cli_data import CliError, data_and_columns, load_column, load_data
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-
-
-class CliError(Exception):
-    """A user-facing problem (bad file, unknown model, existing output): message, exit 1."""
 
 
 # ---------------------------------------------------------------- models and data
@@ -53,84 +48,37 @@ def get_model(registry: dict[str, ModuleType], name: str) -> ModuleType:
     return registry[name]
 
 
-def _read_csv(path: Path) -> np.ndarray:
-    """Numeric CSV (one optional header line) to a float array; errors name file and line."""
-    with path.open(newline="") as fh:
-        rows = [(n, r) for n, r in enumerate(csv.reader(fh), start=1) if any(c.strip() for c in r)]
-    if rows and not _is_number(rows[0][1][0]):
-        rows = rows[1:]  # a header line
-    if not rows:
-        raise CliError(f"{path}: no data rows found.")
-    width = len(rows[0][1])
-    values = []
-    for line, row in rows:
-        if len(row) != width:
-            raise CliError(f"{path} line {line}: {len(row)} columns, expected {width}.")
-        bad = [c for c in row if not _is_number(c)]
-        if bad:
-            raise CliError(f"{path} line {line}: could not parse {bad[0]!r} as a number.")
-        values.append([float(c) for c in row])
-    return np.squeeze(np.array(values), axis=1) if width == 1 else np.array(values)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def load_data(path: Path, template):
-    """Read ``path`` (.csv or .npy) into the structure and dtype of ``default_data()``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"--data {path}: no such file.")
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.asarray(np.load(path, allow_pickle=False))
-        except ValueError as err:
-            raise CliError(f"{path}: not a readable .npy array ({err}).") from err
-    elif path.suffix.lower() == ".csv":
-        array = _read_csv(path)
-    else:
-        raise CliError(f"--data {path}: unsupported extension; use .csv or .npy.")
-    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
-        raise CliError(f"{path}: data must be finite numbers (found NaN/inf or text).")
-    if isinstance(template, tuple):
-        if array.ndim != 2 or array.shape[1] != len(template):
-            raise CliError(
-                f"{path}: this model takes {len(template)} columns (e.g. x, y), "
-                f"got an array of shape {array.shape}."
-            )
-        return tuple(array[:, j] for j in range(array.shape[1]))
-    template = np.asarray(template)
-    if array.ndim != template.ndim or array.shape[1:] != template.shape[1:]:
-        raise CliError(
-            f"{path}: expected rows shaped like {template.shape[1:] or 'a single column'} "
-            f"(default data {template.shape}), got {array.shape}."
-        )
-    if np.issubdtype(template.dtype, np.integer):
-        if not np.all(array == np.round(array)):
-            raise CliError(f"{path}: this model counts integers; the file has fractional values.")
-        return array.astype(template.dtype)
-    return array.astype(float)
-
-
-def load_column(path: Path, option: str) -> np.ndarray:
-    """One number per observation from a one-column .csv or a 1-d .npy."""
-    array = load_data(path, np.zeros(1))
-    if array.ndim != 1:
-        raise CliError(f"{option} {path}: give one column (one value per observation).")
-    return array
-
-
-def _model_and_data(args) -> tuple[str, ModuleType, object]:
+def _model_and_data(args, columns: dict | None = None) -> tuple[str, ModuleType, object, dict]:
+    """The model's module, its data (``--data`` or the default), and the ``columns``
+    (``{option: column name}``) taken out of the ``--data`` CSV."""
     module = get_model(load_models(args.models_dir), args.model)
-    data = module.default_data()
-    if args.data is not None:
+    data, taken = module.default_data(), {}
+    if columns:
+        if args.data is None:
+            option, column = next(iter(columns.items()))
+            raise CliError(
+                f"--{option} {column}: no such file (and no --data CSV to take a column from)."
+            )
+        data, taken = data_and_columns(args.data, data, columns)
+    elif args.data is not None:
         data = load_data(args.data, data)
-    return args.model, module, data
+    return args.model, module, data, taken
+
+
+def _observations(args) -> tuple[dict, dict]:
+    """``--weights``/``--labels``: values read from files, and column names to take
+    from the ``--data`` CSV."""
+    files, columns = {}, {}
+    for option in ("weights", "labels"):
+        source = getattr(args, option, None)
+        if source is None:
+            continue
+        path = Path(source)
+        if path.suffix.lower() in (".csv", ".npy") or path.is_file():
+            files[option] = load_column(path, f"--{option}")
+        else:
+            columns[option] = source
+    return files, columns
 
 
 def _k(args, module: ModuleType) -> int:
@@ -176,14 +124,11 @@ def cmd_fit(args) -> int:
     from ppl_em.inference.stderr import NotIdentifiedError, standard_errors
     from ppl_em.report.fit_plots import scalar_entries
 
-    name, module, data = _model_and_data(args)
+    files, columns = _observations(args)
+    name, module, data, taken = _model_and_data(args, columns)
     model = module.build_model(data, k=_k(args, module))
     t0 = time.perf_counter()
-    observations = {
-        name: load_column(path, f"--{name}")
-        for name, path in (("weights", args.weights), ("labels", args.labels))
-        if path is not None
-    }
+    observations = {**files, **taken}
     result = ppl_em.fit(model, mode=args.mode, random_seed=args.seed,
                         progressbar=args.progress, **observations)  # fmt: skip
     elapsed = time.perf_counter() - t0
@@ -220,7 +165,7 @@ def cmd_compare(args) -> int:
         check_target(out, args.force)
     except OSError as err:
         raise CliError(f"--out {out}: {err}") from err
-    name, module, data = _model_and_data(args)
+    name, module, data, _ = _model_and_data(args)
     model = module.build_model(data, k=_k(args, module))
     comparison = compare(
         model,
@@ -269,7 +214,7 @@ def parse_ks(text: str) -> list[int]:
 def cmd_select(args) -> int:
     from ppl_em.inference.selection import select_k
 
-    name, module, data = _model_and_data(args)
+    name, module, data, _ = _model_and_data(args)
     ks = args.k or list(range(1, 7))
     table = select_k(
         module.build_model,
@@ -356,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--weights", "a weight per observation (>= 0; an integer counts like repeated rows)"),
         ("--labels", "a known component per observation (0..K-1, -1 where unknown)"),
     ):
-        p_fit.add_argument(option, type=Path, metavar="FILE", help=f"{what}: .csv or .npy")
+        p_fit.add_argument(
+            option, metavar="FILE|COLUMN", help=f"{what}: .csv or .npy, or a --data CSV column"
+        )
     p_fit.set_defaults(func=cmd_fit)
 
     p_cmp = sub.add_parser("compare", help="EM + find_MAP + NUTS on MODEL, then an HTML report")

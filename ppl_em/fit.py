@@ -46,7 +46,7 @@ def _check_prepared(prepared: PreparedEM, args: dict) -> None:
     functions = prepared.functions
     graph = functions.graph
     model = args.get("model")
-    if model is not None and model is not graph.model:
+    if model is not None and model is not graph.user_model:
         raise ValueError(
             "fit got both model= and prepared=, and prepared was compiled for another "
             "model; omit model (prepared decides it) or prepare this one with ppl_em.prepare."

@@ -46,7 +46,7 @@ def prepare(
         raise ValueError(f"mstep={mstep!r} is not one of {MSTEPS}.")
     graph = analyse_model(model, latent)
     plan = build_plan(graph, mode, data_spec(graph))
-    numeric = mstep == "numeric" or bool(plan.reasons)
+    numeric = mstep == "numeric" or bool(set(plan.reasons) - plan.from_statistics)
     functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
     _check_finite(functions)
     return PreparedEM(functions, make_mstep_config(functions, plan, mstep))
@@ -128,7 +128,8 @@ def check_array(name: str, new: Any, old: np.ndarray) -> np.ndarray:
         bad = _first_bad(~np.isfinite(arr))
         raise DataError(
             f"data for {name!r} are not finite at index {bad} (value {arr[bad].item()!r}): "
-            "remove or replace NaN/inf entries."
+            "remove or replace NaN/inf entries (EM integrates missing values out only "
+            "in the data the model was built with)."
         )
     if np.issubdtype(old.dtype, np.integer) and not np.all(arr == np.round(arr)):
         bad = _first_bad(arr != np.round(arr))

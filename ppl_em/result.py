@@ -81,8 +81,13 @@ class EMResult:
 
     @property
     def observed(self) -> dict[str, np.ndarray]:
-        """The observed arrays the label explains, by variable name."""
-        return self.prepared.functions.observed()
+        """The observed arrays the label explains, by variable name, NaN where an
+        entry is missing (EM reads those arrays filled, with a mask)."""
+        graph = self.prepared.functions.graph
+        out = dict(self.prepared.functions.observed())
+        for name, seen in graph.observed_masks:
+            out[name] = np.where(seen, out[name], np.nan)
+        return out
 
     @property
     def data_spec(self) -> DataSpec:

@@ -46,8 +46,8 @@ def exponential(x):
 # --- observed data -------------------------------------------------------------------
 
 
-def test_nan_in_observed_data():
-    with pytest.raises(DataError, match=r"'x' contain NaN.*does not impute"):
+def test_nan_in_one_dimensional_observed_data_is_a_missing_observation():
+    with pytest.raises(DataError, match=r"observation 1 of \['x'\] is missing entirely"):
         analyse_model(binomial(np.array([1.0, np.nan, 3.0])))
 
 

@@ -86,6 +86,14 @@ def test_load_data_csv_npy_and_clear_errors(tmp_path):
         cli.load_data(npy, poisson_counts.default_data())
     with pytest.raises(cli.CliError, match="no such file"):
         cli.load_data(tmp_path / "missing.csv", poisson_counts.default_data())
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text("x,y\n0.5,\nNA,2.5\n1.0,nan\n")
+    x, y = cli.load_data(gaps, (np.zeros(3), np.zeros(3)))
+    assert x[0] == 0.5 and np.isnan(x[1]) and np.isnan(y[0]) and np.isnan(y[2])
+    counts_gap = tmp_path / "counts_gap.csv"
+    counts_gap.write_text("count\n3\nNA\n2\n")
+    with pytest.raises(cli.CliError, match="counts integers; NaN"):
+        cli.load_data(counts_gap, poisson_counts.default_data())
     notes = tmp_path / "x.txt"
     notes.write_text("1\n")
     with pytest.raises(cli.CliError, match="unsupported extension"):
@@ -125,6 +133,27 @@ def test_fit_takes_weights_and_labels_files(capsys, tmp_path):
     (tmp_path / "bad.csv").write_text("1\n2\n")
     status, _, err = run(capsys, "fit", "poisson_counts", "--weights", str(tmp_path / "bad.csv"))
     assert status == 1 and "weights has shape (2,)" in err
+
+
+def test_weights_and_labels_as_columns_of_the_data_csv(capsys, tmp_path):
+    counts = poisson_counts.default_data()
+    weights = np.random.default_rng(1).integers(1, 4, counts.size)
+    labels = np.full(counts.size, -1)
+    labels[np.argmax(counts)] = 1
+    table = np.stack([weights, counts, labels], axis=1)
+    csv = tmp_path / "data.csv"
+    csv.write_text("w,count,known\n" + "\n".join(",".join(map(str, r)) for r in table) + "\n")
+    status, out, _ = run(capsys, "fit", "poisson_counts", "--data", str(csv), "--weights", "w",
+                         "--labels", "known", "--no-progress")  # fmt: skip
+    assert status == 0
+    ref = ppl_em.fit(poisson_counts.build_model(), random_seed=0, weights=weights,
+                     labels=labels, progressbar=False)  # fmt: skip
+    assert f"log posterior: {ref.objective:.6f}" in out
+    status, _, err = run(capsys, "fit", "poisson_counts", "--data", str(csv), "--weights", "wt")
+    assert status == 1
+    assert "--weights wt: not a file, nor a column of --data" in err and "'count'" in err
+    status, _, err = run(capsys, "fit", "poisson_counts", "--weights", "w")
+    assert status == 1 and "no --data CSV to take a column from" in err
 
 
 def test_compare_refuses_existing_output_before_sampling(capsys, tmp_path):

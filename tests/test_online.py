@@ -92,12 +92,22 @@ def test_mvnormal_online(tmp_path):
 
 
 def test_refuses_models_with_numeric_m_steps():
-    model = MODELS["regression_mixture"].build_model()
-    x, y = MODELS["regression_mixture"].default_data()
-    with pytest.raises(ppl_em.ClosedFormUnavailableError, match=r"\['alpha', 'beta', 'sigma'\]"):
+    """Poisson regressions have no statistics that give Q (a Gaussian regression has)."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1.0, 1.0, 600)
+    y = rng.poisson(np.exp(np.where(rng.random(600) < 0.5, 0.5 + x, 2.0 - x)))
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        alpha = pm.Normal("alpha", 0.0, 5.0, shape=2)
+        beta = pm.Normal("beta", 0.0, 5.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(y))
+        pm.Poisson("y", mu=pm.math.exp(alpha[z] + beta[z] * x), observed=y)
+    with pytest.raises(ppl_em.ClosedFormUnavailableError, match=r"\['alpha', 'beta'\]"):
         ppl_em.fit(model, data={"y": y, "y_const0": x}, method="online")
+    regression = MODELS["regression_mixture"].build_model()
+    x, y = MODELS["regression_mixture"].default_data()
     with pytest.raises(ppl_em.ClosedFormUnavailableError, match="method='batch'"):
-        ppl_em.fit(model, data={"y": y, "y_const0": x}, method="online", mstep="numeric")
+        ppl_em.fit(regression, data={"y": y, "y_const0": x}, method="online", mstep="numeric")
 
 
 def test_refuses_bad_options(gaussian):
@@ -145,3 +155,16 @@ def test_map_mode_priors_weigh_as_in_a_batch_fit():
     result = ppl_em.fit(model(counts[:SAMPLE]), data={"counts": counts}, method="online",
                         batch_size=1_000)  # fmt: skip
     assert 0.0 <= (batch.objective - result.objective) / abs(batch.objective) < 1e-4
+
+
+def test_blocks_maximised_from_the_statistics_run_online():
+    """A Gaussian regression mixture with Normal and HalfNormal priors: no conjugate
+    update, but Q is a function of the summed statistics, so online EM applies and ends
+    near the batch fit."""
+    x, y = MODELS["regression_mixture"].default_data(n=20000, seed=1)
+    model = MODELS["regression_mixture"].build_model((x, y))
+    batch = ppl_em.fit(model, progressbar=False)
+    online = ppl_em.fit(model, data={"y": y, "y_const0": x}, method="online",
+                        progressbar=False, random_seed=0)  # fmt: skip
+    for name in ("w", "alpha", "beta", "sigma"):
+        np.testing.assert_allclose(online.params[name], batch.params[name], atol=2e-3)

@@ -146,8 +146,9 @@ def _assert_same_se(a, b, rtol):
 
 @pytest.fixture(scope="module")
 def regression_fit():
-    # Label model whose means are not plain component parameters: numeric M-step.
-    return ppl_em.fit(regression_mixture.build_model(), tol=1e-12, progressbar=False)
+    # A label model on the numeric M-step (its default is Newton on the statistics).
+    model = regression_mixture.build_model()
+    return ppl_em.fit(model, mstep="numeric", tol=1e-12, progressbar=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from scipy import optimize, stats
 import ppl_em
 from ppl_em.em import apply_start, default_start, em_init, em_step, run_em
 from ppl_em.inference.crosscheck import marginal_model
+from ppl_em.steps import make_mstep_config
 from tests.models_for_tests import coin_label, gaussian_data
 
 X = gaussian_data(600, seed=0)
@@ -46,7 +47,8 @@ def _sorted_fit(result):
 VARIANTS = {  # (priors, mode, mstep): closed-form and numeric M-steps
     "mle-closed": (False, "mle", "auto"),
     "mle-numeric": (False, "mle", "numeric"),
-    "map-numeric": (True, "map", "auto"),
+    "map-numeric": (True, "map", "numeric"),
+    "map-statistics": (True, "map", "auto"),  # Newton on Q from the E-step's sums
 }
 
 
@@ -78,8 +80,10 @@ def test_a_numeric_mstep_that_cannot_move_is_not_convergence():
     """An M-step that returns its numeric variables unchanged while Q's gradient is far
     from zero (here an optimiser allowed no iterations) ends the run unconverged, with
     a warning, although the closed-form weights still move."""
-    functions, config = ppl_em.prepare(_normal_mixture(X, 1.0, True))
-    assert config.plan.closed == {"w"}
+    functions, auto = ppl_em.prepare(_normal_mixture(X, 1.0, True))
+    # mu and sigma on the numeric step over the data (not Newton on the statistics)
+    config = make_mstep_config(functions, auto.plan._replace(statistics=()))
+    assert config.plan.closed == {"w"} and config.numeric_mask.sum() == 6
     u0 = default_start(functions, config, None)
     stuck = config._replace(maxiter=0)
     with pytest.warns(ppl_em.ConvergenceWarning, match="numeric M-step stalled"):
@@ -111,14 +115,18 @@ DLR_ITERATES = [0.500000000, 0.608247423, 0.624321051, 0.626488879, 0.626777323,
 
 def test_exact_mstep_reproduces_dempster_laird_rubin_table_1():
     functions, config = ppl_em.prepare(_dlr_model(), mode="mle")
-    assert config.numeric_mask.all()  # the weights are a function of t: numeric
-    exact = config._replace(grad_reduction=0.0)
-    state = em_init(functions, apply_start(functions, {"t": 0.5}, np.zeros(1)), exact)
-    got = [float(functions.constrain(state.u)[0])]
-    for _ in range(len(DLR_ITERATES) - 1):
-        state = em_step(functions, exact, state)
-        got.append(float(functions.constrain(state.u)[0]))
-    np.testing.assert_allclose(got, DLR_ITERATES, atol=1e-9)
+    # The weights are a function of t: Q(t) = sum_k N_k log w_k(t), maximised by Newton
+    # from the counts; and, as the same M-step on the data, by the numeric step.
+    assert config.plan.from_statistics == {"t"}
+    numeric = make_mstep_config(functions, config.plan._replace(statistics=()))
+    assert numeric.numeric_mask.all()
+    for step in (config, numeric._replace(grad_reduction=0.0)):
+        state = em_init(functions, apply_start(functions, {"t": 0.5}, np.zeros(1)), step)
+        got = [float(functions.constrain(state.u)[0])]
+        for _ in range(len(DLR_ITERATES) - 1):
+            state = em_step(functions, step, state)
+            got.append(float(functions.constrain(state.u)[0]))
+        np.testing.assert_allclose(got, DLR_ITERATES, atol=1e-9)
     # the default (generalised) step reaches the same optimum, along other iterates
     # (within 1e-3 of DLR's standard error, 1 / sqrt(377.5) = 0.0515)
     for exact_mstep in (False, True):

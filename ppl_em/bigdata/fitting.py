@@ -246,6 +246,13 @@ def fit_data(prepared: PreparedEM, data, options: dict, *, start=None, n_init=1,
             raise ValueError(
                 f"fit(data=...) does not carry per-observation {extra} yet; fit in memory."
             )
+    masked = [name for name, _ in prepared.functions.graph.observed_masks]
+    if masked:
+        raise ValueError(
+            f"fit(data=...) streams complete arrays, but the model was built with missing "
+            f"values in {masked}; fit it in memory (EM integrates them out there), or build "
+            "the model from complete data."
+        )
     if method == "online":
         return fit_online(
             prepared, data, start=start, batch_size=batch_size, online_kwargs=online_kwargs

@@ -157,7 +157,8 @@ def convert(name: str, block: Any, dtype: np.dtype, first: int, part: int | None
         bad = _first_bad(~np.isfinite(arr))
         raise DataError(
             f"{_where(name, bad, first, part)} is not finite (value {arr[bad].item()!r}): "
-            "remove or replace NaN/inf entries."
+            "remove or replace NaN/inf entries (EM integrates missing values out only "
+            "in data held in memory, in the model as built)."
         )
     fractional = np.issubdtype(dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer)
     if fractional and not np.all(arr == np.round(arr)):

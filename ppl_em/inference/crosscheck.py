@@ -32,6 +32,7 @@ from ppl_em.inference.relabel import (
     relabel_draws,
 )
 from ppl_em.inference.stderr import standard_errors
+from ppl_em.model.missing import imputed_names
 from ppl_em.observations import fix_parameters
 from ppl_em.result import EMResult
 
@@ -297,6 +298,17 @@ def _diagnostics(em: EMResult, idata, table: pd.DataFrame, relabelling, notes: l
     }
 
 
+def _refuse_missing(model) -> None:
+    imputed = imputed_names(pm.modelcontext(model))
+    if imputed:
+        raise ValueError(
+            f"observed data of {imputed} contain NaN. EM integrates the missing entries out, "
+            "but in PyMC's model they are free variables (PyMC imputes them), so find_MAP "
+            "would maximise over them too: another objective. Cross-check on the complete "
+            "rows, or use ppl_em.fit alone."
+        )
+
+
 def _em_fit(model, latent, em_kwargs) -> EMResult:
     # A tighter tol than fit's default: find_MAP started at the estimate is then expected
     # to move the log posterior by well under 1e-5 (EM converges only linearly).
@@ -352,6 +364,7 @@ def compare(
     ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
     ``nuts_init`` is "em" (chains start at the jittered EM estimate) or "default".
     """
+    _refuse_missing(model)
     timings = {}
     t0 = time.perf_counter()
     em = _em_fit(model, latent, em_kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytensor.tensor as pt
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
 from pytensor.graph.traversal import ancestors
@@ -45,6 +46,12 @@ class DataSpec:
     fixed_inputs: tuple[TensorVariable, ...]
     chunkable: bool
     origins: tuple[str, ...] = ()
+    masks: tuple[tuple[str, str], ...] = ()
+
+    def mask_input(self, observed: str) -> TensorVariable | None:
+        """The input saying which entries of ``observed`` were observed, if any are not."""
+        name = dict(self.masks).get(observed)
+        return None if name is None else self.inputs[self.names.index(name)]
 
     def describe(self, name: str) -> str:
         """How an error names the array ``name``."""
@@ -130,6 +137,9 @@ def data_spec(graph: MixtureGraph) -> DataSpec:
     """Find the model's data: see the module docstring."""
     model = graph.model
     observed = [(rv.name, model.rvs_to_values[rv], "") for rv in graph.dependents]
+    masks = [(name, f"{name}_observed_mask") for name, _ in graph.observed_masks]
+    observed += [(mask, pt.constant(graph.observed_mask(name), name=mask), "")
+                 for name, mask in masks]  # fmt: skip
     chunkable = graph.n_rows > max(1, graph.n_components)
     found = observed + (_covariates(graph, {v for _, v, _ in observed}) if chunkable else [])
     names = [name for name, _, _ in found]
@@ -140,12 +150,13 @@ def data_spec(graph: MixtureGraph) -> DataSpec:
         names=tuple(names),
         leaves=tuple(leaf for _, leaf, _ in found),
         inputs=tuple(_dynamic_input(leaf, name) for name, leaf, _ in found),
-        observed=tuple(name for name, _, _ in observed),
+        observed=tuple(rv.name for rv in graph.dependents),
         fixed_names=tuple(name for name, _ in fixed),
         fixed_leaves=tuple(leaf for _, leaf in fixed),
         fixed_inputs=tuple(leaf.type(name=name) for name, leaf in fixed),
         chunkable=chunkable,
         origins=tuple(origin for _, _, origin in found),
+        masks=tuple(masks),
     )
 
 

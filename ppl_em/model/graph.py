@@ -7,7 +7,7 @@ closed-form plan, compiled functions) reads the model only through it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pymc as pm
@@ -21,6 +21,7 @@ from pytensor.graph.traversal import ancestors
 from pytensor.tensor import TensorVariable
 
 from ppl_em.errors import DataError, ModelStructureError
+from ppl_em.model.missing import observed_whole
 
 SUPPORTED_LABELS = "pm.Categorical or pm.Bernoulli with shape (N,)"
 
@@ -47,6 +48,18 @@ class MixtureGraph:
     dependents: tuple[TensorVariable, ...]
     other_observed: tuple[TensorVariable, ...]
     params: tuple[TensorVariable, ...]
+    observed_masks: tuple[tuple[str, np.ndarray], ...] = ()
+    source: pm.Model | None = None
+
+    @property
+    def user_model(self) -> pm.Model:
+        """The model as the user built it (``model`` is it, or its copy with imputed
+        variables observed whole: :mod:`ppl_em.model.missing`)."""
+        return self.source or self.model
+
+    def observed_mask(self, name: str) -> np.ndarray | None:
+        """True where dependent ``name`` was observed, or None if nothing is missing."""
+        return dict(self.observed_masks).get(name)
 
     @property
     def labels_per_row(self) -> int:
@@ -86,14 +99,6 @@ def _depends_on(rv: TensorVariable, target: TensorVariable) -> bool:
 
 
 def _check_observed_finite(model: pm.Model) -> None:
-    for rv in model.free_RVs:
-        if rv.name.endswith("_unobserved"):
-            base = rv.name[: -len("_unobserved")]
-            raise DataError(
-                f"observed data of {base!r} contain NaN (PyMC created {rv.name!r} to impute them); "
-                "ppl_em does not impute missing values: drop or fill the NaN entries before "
-                "building the model."
-            )
     for rv in model.observed_RVs:
         data = observed_data(model, rv)
         if np.issubdtype(data.dtype, np.number) and not np.all(np.isfinite(data)):
@@ -256,8 +261,9 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
     """
     if model is not None and not isinstance(model, pm.Model):
         raise TypeError(f"model must be a pm.Model or None, got {type(model).__name__}.")
-    model = pm.modelcontext(model)
+    source = pm.modelcontext(model)
     _check_float64()
+    model, masks = observed_whole(source)
     _check_observed_finite(model)
     target = _find_target(model, latent)
     if target in model.observed_RVs:
@@ -269,12 +275,62 @@ def analyse_model(model: pm.Model | None = None, latent: str | None = None) -> M
         graph = _analyse_mixture(model, target)
     else:
         graph = _analyse_label(model, target)
+    if masks:
+        graph = replace(graph, observed_masks=tuple(masks.items()), source=source)
+        check_missing(graph)
     if graph.n_components > graph.n_obs:
         raise ModelStructureError(
             f"the mixture has K={graph.n_components} components but only N={graph.n_obs} "
             "observations; use fewer components (n_components <= N)."
         )
     return graph
+
+
+def _support_ndim(graph: MixtureGraph, rv: TensorVariable) -> int:
+    if graph.kind == "mixture":
+        rv = rv.owner.inputs[2]
+    return getattr(rv.owner.op, "ndim_supp", 0)
+
+
+def check_missing(graph: MixtureGraph) -> None:
+    """Missing entries EM can integrate out: in the label's dependents, each
+    observation keeping at least one observed value, and multivariate ones only in an
+    MvNormal (whose marginal over the observed coordinates is again an MvNormal)."""
+    names = {dep.name: dep for dep in graph.dependents}
+    seen = np.zeros(graph.n_rows, dtype=bool)
+    for name, mask in graph.observed_masks:
+        if name not in names:
+            raise DataError(
+                f"observed data of {name!r} contain NaN, but {name!r} does not depend on the "
+                "mixture's label; ppl_em integrates out missing values only in the label's "
+                "observed dependents: drop or fill those entries."
+            )
+        support = _support_ndim(graph, names[name])
+        rows = mask.reshape(graph.n_rows, -1)
+        if support == 0 and graph.kind == "mixture":
+            # Each element of a pm.Mixture's data is an observation of its own.
+            rows = rows.all(axis=1, keepdims=True)
+        if support and not _is_mvnormal(graph, names[name]):
+            raise ModelStructureError(
+                f"observed data of {name!r} contain NaN inside multivariate values; ppl_em "
+                "integrates them out for univariate families and MvNormal only: drop or "
+                "fill those entries."
+            )
+        seen |= rows.any(axis=1)
+    if len(names) > len(graph.observed_masks):
+        return  # a dependent observed whole keeps every observation
+    if not seen.all():
+        row = int(np.flatnonzero(~seen)[0])
+        raise DataError(
+            f"observation {row} of {sorted(names)} is missing entirely (NaN in every value "
+            f"{'it has' if len(names) == 1 else 'the label explains'}; "
+            f"{int((~seen).sum())} such observations): nothing is observed to fit, drop them."
+        )
+
+
+def _is_mvnormal(graph: MixtureGraph, rv: TensorVariable) -> bool:
+    comps = rv.owner.inputs[2:] if graph.kind == "mixture" else [rv]
+    return all(isinstance(c.owner.op, pm.MvNormal.rv_type) for c in comps)
 
 
 def _check_float64() -> None:

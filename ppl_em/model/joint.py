@@ -25,8 +25,10 @@ from pymc.logprob.basic import logp as rv_logp
 from pytensor.graph.replace import graph_replace
 from pytensor.tensor import TensorVariable
 
+from ppl_em.errors import ModelStructureError
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph
+from ppl_em.model.masked import masked_logp
 
 
 def _sum_after(term: TensorVariable, keep: int) -> TensorVariable:
@@ -63,12 +65,19 @@ def _resized(rv: TensorVariable, value: TensorVariable, k: int | None = None):
         return rv
 
 
+def _observed_logp(rv: TensorVariable, value, observed) -> TensorVariable:
+    """The logp of ``rv`` at ``value`` over its observed entries (all without a mask)."""
+    term = _logp_at(rv, value)
+    return term if observed is None else masked_logp(rv, value, observed, term)
+
+
 def _dependent_term(graph, data: DataSpec, dep, label_value) -> TensorVariable:
     """The logp of one dependent over a chunk, with the label's value ``label_value``."""
     value = data.inputs[data.names.index(dep.name)]
     replace = {graph.value_var(graph.label_rv): label_value, **data.replace}
     copy = pytensor.clone_replace(_in_values(graph, dep), replace, rebuild_strict=False)
-    return _sum_after(_logp_at(_resized(copy, value), value), 1)
+    term = _observed_logp(_resized(copy, value), value, data.mask_input(dep.name))
+    return _sum_after(term, 1)
 
 
 def _shared_label_term(graph: MixtureGraph, j: int) -> TensorVariable | None:
@@ -146,9 +155,9 @@ def _split_component(component: TensorVariable, k: int) -> list[TensorVariable] 
     return [op.make_node(rng, None, *ps).default_output() for ps in per_k]
 
 
-def _component_logp(data: DataSpec, component, value, k=None) -> TensorVariable:
+def _component_logp(data: DataSpec, component, value, k=None, observed=None):
     copy = pytensor.clone_replace(component, data.replace, rebuild_strict=False)
-    return _logp_at(_resized(copy, value, k), value)
+    return _observed_logp(_resized(copy, value, k), value, observed)
 
 
 def mixture_rows(graph: MixtureGraph, data: DataSpec) -> list[TensorVariable]:
@@ -165,9 +174,16 @@ def mixture_rows(graph: MixtureGraph, data: DataSpec) -> list[TensorVariable]:
         components = _split_component(components[0], k) or components
     weights = graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
     log_w = pt.log(graph_replace(weights, data.replace, strict=False))
+    observed = data.mask_input(mix.name)
     if len(components) == k:
-        rows = [log_w[..., j] + _component_logp(data, c, value) for j, c in enumerate(components)]
+        rows = [log_w[..., j] + _component_logp(data, c, value, observed=observed)
+                for j, c in enumerate(components)]  # fmt: skip
         return [pt.broadcast_to(row, batch).reshape((-1,)) for row in rows]
+    if observed is not None:
+        raise ModelStructureError(
+            f"the components of {mix.name!r} could not be split one per component, which "
+            "ppl_em needs to integrate out its missing entries; drop or fill them."
+        )
     (component,) = components
     mix_axis = -getattr(component.owner.op, "ndim_supp", 0) - 1
     batched = pt.expand_dims(value, mix_axis)

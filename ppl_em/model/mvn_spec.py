@@ -153,6 +153,8 @@ def mvn_specs(graph: MixtureGraph, mode: str) -> tuple[list[MvnSpec], dict[str, 
         weights = graph.dependents[0].owner.inputs[1]
     specs, reasons = [], {}
     for dist, owners in candidates:
+        if any(graph.observed_mask(o.name) is not None for o in owners):
+            continue  # the plan's reason (recognise.MISSING) covers them
         found = _block_params(graph, dist)
         if found is None:
             continue

@@ -60,6 +60,10 @@ NEEDED_SUPPORT = {"p": "unit", "mu": "real", "sigma": "positive", "scale": "posi
 
 
 def needed_support(family: str, name: str) -> str:
+    if family == "categorical":
+        return "simplex"
+    if family == "normal_linear":
+        return "positive" if name == "sigma" else "real"
     return "positive" if (family, name) == ("poisson", "mu") else NEEDED_SUPPORT[name]
 
 
@@ -80,6 +84,8 @@ def prior_ok(family: str, name: str, prior, inverse: bool, consts, mode: str) ->
             return None
     if name == "mu" and kind == "flat":
         return None
+    if family == "normal_linear" and name != "sigma" and kind == "flat":
+        return None  # a coefficient of the linear predictor
     if name == "mu" and kind == "normal" and "sigma" in consts:
         return None
     return (

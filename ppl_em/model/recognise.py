@@ -17,12 +17,14 @@ import numpy as np
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor import TensorVariable
 from pytensor.tensor import random as ptr
+from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
+from ppl_em.model.linear import linear_terms
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
 from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
-from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, strip
+from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, shape_of, strip
 from ppl_em.model.slots import all_elements as _all
 
 FAMILIES = {
@@ -59,6 +61,19 @@ class ClosedFormPlan(NamedTuple):
     closed: frozenset[str]
     reasons: dict[str, str]
     mvn: tuple[MvnSpec, ...] = ()
+    statistics: tuple[Block, ...] = ()
+
+    @property
+    def all_blocks(self) -> tuple[Block, ...]:
+        """The closed-form blocks, then those maximised from the statistics: the
+        statistics columns follow this order."""
+        return self.blocks + self.statistics
+
+    @property
+    def from_statistics(self) -> frozenset[str]:
+        """Variables whose update reads only the E-step's statistics (no data pass)."""
+        return frozenset(r.name for b in self.statistics for s in b.slots.values()
+                         for r, _ in s.refs)  # fmt: skip
 
 
 def _item_shape(graph: MixtureGraph, dists: list) -> tuple[int, ...]:
@@ -95,11 +110,17 @@ def _family_block(
 ) -> Block | str:
     """Build the block of one observed family; ``dists`` are the K list components or one."""
     op = dists[0].owner.op
+    if isinstance(op, ptr.basic.CategoricalRV) and len(dists) == 1:
+        return _categorical_block(graph, dists[0])
     family, names = FAMILIES.get(type(op), (None, None))
     if family is None or any(type(d.owner.op) is not type(op) for d in dists):
         return f"its component family {type(op).__name__} has no closed form in ppl_em"
     slots, consts, batched = {}, {}, len(dists) == 1
     items = _item_shape(graph, dists)
+    if family == "normal" and batched and not items:
+        linear = _linear_block(graph, dists[0], data)
+        if linear is not None:
+            return linear
     for pos, name in enumerate(names):
         exprs = [d.owner.op.dist_params(d.owner)[pos] for d in dists]
         found = [param_slot(e, graph, None if batched else k, data, items)
@@ -116,6 +137,51 @@ def _family_block(
         return reason
     priors = {n: prior_of(s.refs[0][0], "map") for n, s in slots.items()}
     return Block(family, data_name, slots, consts, priors, int(np.prod(items)))
+
+
+def _categorical_block(graph: MixtureGraph, dist) -> Block | str:
+    """Categorical items (latent class analysis with answers in C categories):
+    ``p[z]`` with ``p`` of shape (K, J, C), or (K, C) for one item; the update is the
+    weighted share of each category, per class and item."""
+    (expr,) = dist.owner.op.dist_params(dist.owner)
+    expr = strip(expr)
+    node = expr.owner
+    indexed = node and isinstance(node.op, AdvancedSubtensor | AdvancedSubtensor1)
+    base = strip(node.inputs[0]) if indexed and len(node.inputs) == 2 else None
+    items = _item_shape(graph, [dist]) if graph.kind == "label" else None
+    k = graph.n_components
+    if (base not in set(graph.params) or strip(node.inputs[1]) is not graph.label_rv
+            or items is None or shape_of(base)[:-1] != (k, *items)):  # fmt: skip
+        return "its Categorical probabilities are not p[z] with p of shape (K, items, C)"
+    slot = Slot(refs=_all(base), inverse=False, axes=("k", "d", "c"))
+    consts = {"n_categories": np.asarray(shape_of(base)[-1])}
+    prior = prior_of(base, "map")
+    return Block("categorical", dist.name, {"p": slot}, consts, {"p": prior},
+                 int(np.prod(items)))  # fmt: skip
+
+
+def _linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | str | None:
+    """A Normal whose mean is a linear predictor (:mod:`ppl_em.model.linear`): slots
+    ``b0, b1, ...`` (coefficients), ``sigma``; known ``x<j>`` covariates (DataRef)."""
+    mu, sigma = dist.owner.op.dist_params(dist.owner)
+    terms = linear_terms(mu, graph, data)
+    if terms is None:
+        return None
+    slots, consts = {}, {}
+    for j, ((refs, _, axes), covariate) in enumerate(terms):
+        slots[f"b{j}"] = Slot(refs=refs, inverse=False, axes=axes)
+        if covariate is not None:
+            consts[f"x{j}"] = covariate
+    found = param_slot(sigma, graph, None, data)
+    made = _slot([found], "sigma", "normal") if isinstance(found, tuple) else (
+        _const([found], "sigma", graph, True) if found is not None else None)  # fmt: skip
+    if made is None or isinstance(made, DataRef):
+        return "its scale is not a per-component parameter or constant"
+    if isinstance(made, str):
+        return made
+    (slots if isinstance(made, Slot) else consts)["sigma"] = made
+    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    return Block("normal_linear", dist.name, slots, consts, priors)
 
 
 def _consistent(family: str, slots: dict, consts: dict) -> str | None:
@@ -146,10 +212,70 @@ def _weights_block(graph: MixtureGraph) -> Block | None:
     else:
         found = param_slot(expr, graph, 0 if family == "bernoulli_label" else None, None)
     if not isinstance(found, tuple):
-        return None
+        return _weights_graph(graph, expr, family)
     slot = Slot(refs=found[0], inverse=found[1], axes=found[2])
     name = "p" if family == "bernoulli_label" else "w"
     return Block(family, None, {name: slot}, {}, {name: prior_of(slot.refs[0][0], "map")})
+
+
+def _weights_graph(graph: MixtureGraph, expr, family: str) -> Block | None:
+    """Weights that are a function of free variables shared by all observations (say
+    stick-breaking): their Q is ``sum_k N_k log w_k``, a function of the counts alone.
+    Its block holds each such variable whole; ``consts["weights"]`` is the graph."""
+    k = graph.n_components
+    if shape_of(expr) not in ([(), (1,)] if family == "bernoulli_label" else [(k,), (1, k)]):
+        return None
+    rvs = [p for p in graph.params if p in set(ancestors([expr]))]
+    if not rvs:
+        return None
+    slots = {rv.name: Slot(refs=_all(rv), inverse=False, axes=()) for rv in rvs}
+    priors = {rv.name: prior_of(rv, "map") for rv in rvs}
+    return Block("weights_graph", None, slots, {"weights": expr, "of": family}, priors)
+
+
+MISSING = (
+    "its data have missing entries: the numeric M-step maximises Q over the observed "
+    "entries (a closed form's counts would differ entry by entry)"
+)
+
+
+def _dependent_block(graph: MixtureGraph, dists: list, dep, data) -> Block | str:
+    if graph.observed_mask(dep.name) is not None:
+        return MISSING
+    return _family_block(graph, dists, dep.name, data)
+
+
+STATISTICS = "; Newton's method maximises its Q from the E-step's statistics instead"
+STATISTICS_FAMILIES = ("normal", "normal_linear", "poisson", "binomial", "bernoulli",
+                       "exponential")  # fmt: skip
+
+
+def _from_statistics(graph: MixtureGraph, block: Block, owners: set, mode: str) -> bool:
+    """A block whose only obstacle to the closed form is a non-conjugate prior with
+    constant parameters: its Q is still a function of the E-step's statistics, so it is
+    maximised from them, with no pass over the data."""
+    if mode != "map" or block.family not in STATISTICS_FAMILIES:
+        return False
+    if _check_block(graph, block, owners, "mle") is not None:
+        return False
+    # Per-observation trials and covariates are in the statistics; known scales or
+    # means that vary by observation are not.
+    data_consts = {n for n, c in block.consts.items() if isinstance(c, DataRef)}
+    if any(n != "n" and not n.startswith("x") for n in data_consts):
+        return False
+    params = set(graph.params)
+    rvs = {r for slot in block.slots.values() for r, _ in slot.refs}
+    return not any(params & set(ancestors(rv.owner.inputs)) for rv in rvs)
+
+
+def _weights_graph_ok(graph: MixtureGraph, block: Block, owners: set) -> bool:
+    """The weights' variables enter nothing but the weights, and their priors have
+    constant parameters."""
+    params = set(graph.params)
+    rvs = [r for slot in block.slots.values() for r, _ in slot.refs]
+    if any(direct_users(graph, r) - owners - set(rvs) for r in rvs):
+        return False
+    return not any(params & set(ancestors(rv.owner.inputs)) for rv in rvs)
 
 
 def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> str | None:
@@ -177,28 +303,34 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
     ``data`` (:func:`ppl_em.model.data.data_spec`) tells per-observation inputs apart."""
     candidates = []
     if graph.kind == "label":
-        owners = {graph.label_rv, *graph.dependents}
-        candidates += [(_family_block(graph, [d], d.name, data), {d}) for d in graph.dependents]
+        candidates += [(_dependent_block(graph, [d], d, data), {d}) for d in graph.dependents]
         candidates.append((_weights_block(graph), {graph.label_rv}))
     else:
         mix = graph.dependents[0]
-        comps = mix.owner.inputs[2:]
-        candidates.append((_family_block(graph, comps, mix.name, data), {mix}))
+        candidates.append((_dependent_block(graph, mix.owner.inputs[2:], mix, data), {mix}))
         candidates.append((_weights_block(graph), {mix}))
-    reasons, blocks = {}, []
+    reasons, blocks, statistics = {}, [], []
     for block, owners in candidates:
         if isinstance(block, str):
             # No block at all: the reason belongs to the free variables its owners read.
             used = set(ancestors([i for o in owners for i in o.owner.inputs]))
             reasons.update({p.name: block for p in graph.params if p in used})
+        elif isinstance(block, Block) and block.family == "weights_graph":
+            if _weights_graph_ok(graph, block, owners):
+                statistics.append(block)
         elif isinstance(block, Block):
             reason = _check_block(graph, block, owners, mode)
             if reason is None:
                 blocks.append(block)
                 continue
+            if _from_statistics(graph, block, owners, mode):
+                statistics.append(block)
+                reason += STATISTICS
             for slot in block.slots.values():
                 reasons.update({r.name: reason for r, _ in slot.refs})
-    blocks = _exclusive(blocks, reasons)
+    kept = {id(b) for b in _exclusive(blocks + statistics, reasons)}
+    blocks = [b for b in blocks if id(b) in kept]
+    statistics = [b for b in statistics if id(b) in kept]
     closed = frozenset(r.name for b in blocks for s in b.slots.values() for r, _ in s.refs)
     specs, mvn_reasons = mvn_specs(graph, mode)
     closed |= {r.name for spec in specs for r in spec.rvs}
@@ -207,11 +339,11 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
         if rv.name not in closed and rv.name not in reasons:
             reasons[rv.name] = "no closed-form family in ppl_em covers it"
     reasons = {name: why for name, why in reasons.items() if name not in closed}
-    return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs))
+    return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs), tuple(statistics))
 
 
 def _size(rv: TensorVariable) -> int:
-    return int(np.prod(rv.type.shape)) if rv.ndim else 1
+    return int(np.prod(shape_of(rv))) if rv.ndim else 1
 
 
 def _exclusive(blocks: list[Block], reasons: dict) -> list[Block]:

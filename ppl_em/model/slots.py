@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytensor.scalar as ps
+import pytensor.tensor as pt
 from pymc.exceptions import NotConstantValueError
 from pymc.pytensorf import constant_fold
 from pytensor.graph.traversal import ancestors
@@ -69,18 +70,26 @@ def value_of(expr: TensorVariable) -> np.ndarray:
         return np.asarray(expr.eval())
 
 
+def shape_of(var: TensorVariable) -> tuple[int, ...]:
+    """``var``'s shape: static, or read off the ``pm.Data`` and coordinate lengths
+    (``dims``) it depends on, which stay put while a model is fitted."""
+    if None not in var.type.shape:
+        return tuple(var.type.shape)
+    return tuple(int(s) for s in value_of(pt.as_tensor(var.shape)))
+
+
 def all_elements(rv: TensorVariable) -> tuple:
     """Every element of ``rv`` as ``(rv, flat index)``, in order."""
-    return tuple((rv, j) for j in range(int(np.prod(rv.type.shape)) if rv.ndim else 1))
+    return tuple((rv, j) for j in range(int(np.prod(shape_of(rv))) if rv.ndim else 1))
 
 
 def _indexed(base, graph: MixtureGraph, items: tuple, inverse: bool):
     """``base[z]``: per component, or per component and item; a known constant."""
     params = set(graph.params)
     k = graph.n_components
-    if base in params and base.type.shape == (k,):
+    if base in params and shape_of(base) == (k,):
         return all_elements(base), inverse, ("k",)
-    if base in params and items and base.type.shape == (k, *items):
+    if base in params and items and shape_of(base) == (k, *items):
         return all_elements(base), inverse, ("k", "d")
     if not inverse and not set(ancestors([base])) & params:
         # A known per-component constant such as sigma_known[z]: shape (1, K).
@@ -93,11 +102,11 @@ def _direct(expr, graph: MixtureGraph, k: int | None, items: tuple, inverse: boo
     one scalar per list component, otherwise shared by the components (tied)."""
     if k is not None:
         return (all_elements(expr), inverse, ("k",)) if expr.ndim == 0 else None
-    if graph.kind == "mixture" and expr.type.shape == (graph.n_components,):
+    if graph.kind == "mixture" and shape_of(expr) == (graph.n_components,):
         return all_elements(expr), inverse, ("k",)
     if expr.ndim == 0:
         return all_elements(expr), inverse, ()
-    if graph.kind == "label" and items and expr.type.shape == items:
+    if graph.kind == "label" and items and shape_of(expr) == items:
         return all_elements(expr), inverse, ("d",)
     return None
 
@@ -128,7 +137,7 @@ def param_slot(expr, graph: MixtureGraph, k: int | None, data: DataSpec | None, 
         base = strip(expr.owner.inputs[0])
         if base in params and base.ndim == 1:
             j = int(constant_fold([expr.owner.inputs[1]])[0])
-            return ((base, j % base.type.shape[0]),), inverse, ("k",)
+            return ((base, j % shape_of(base)[0]),), inverse, ("k",)
         return None
     return _direct(expr, graph, k, items, inverse) if expr in params else None
 

@@ -9,12 +9,17 @@ of shape (K,) on (N, D) data; components for a tied parameter):
 * weights, Dirichlet(a):   ``w_k ∝ N_k + a_k - 1``                (flat: ``N_k / N``)
 * Binomial/Bernoulli, Beta(a, b): ``p = (S + a - 1) / (T + a + b - 2)``, T the trials
   (latent class analysis: one ``p`` per class and item)
+* Categorical items, Dirichlet(a): ``p_kdc ∝ S_kdc + a_c - 1``, S the weighted count of
+  category c in item d
 * Poisson, Gamma(a, rate b):      ``mu = (S + a - 1) / (N + b)``
 * Exponential rate, Gamma(a, b):  ``lam = (N + a - 1) / (S + b)``  (the seed's update)
 * Normal: ``mu = S / N`` (with known scales, precision-weighted, and with a Normal
   prior, shrunk to it); ``sigma^2 = sum gamma (x - mu)^2 / N``, pooled over items for a
   spherical scale and over components for a tied one (diagonal covariances: one pair
   per class and item).
+* Gaussian regression (a linear predictor ``mu = C b[z]``), flat priors: weighted
+  least squares ``b_k = (sum gamma C C')^-1 sum gamma C y`` and ``sigma_k^2`` the
+  weighted residual sum of squares over ``N_k``.
 
 In ``mode="mle"`` every prior term is dropped (``a = b = 1``, ``rate = 0``, flat
 ``mu``). Everything is read from :class:`~ppl_em.steps.stats.Stats`; a Normal variance
@@ -30,8 +35,12 @@ import numpy as np
 
 from ppl_em.model.recognise import Block, ClosedFormPlan
 from ppl_em.model.slots import Slot
-from ppl_em.steps.columns import CANCELLATION_LIMIT, StatsRequest
+from ppl_em.steps.columns import CANCELLATION_LIMIT, StatsRequest, coefficients, covariate
 from ppl_em.steps.stats import TINY, DataChunk, Stats
+
+# A residual sum of squares below this fraction of the squared responses' sum has lost
+# more than 1e-10 of itself to cancellation: it is then summed from the data.
+CANCELLATION_RSS = 1e-6
 
 # Responsibilities and data chunk by chunk, for what the statistics cannot give:
 # ``batches()`` yields ``(gamma_t, chunk)`` with ``gamma_t`` the K x n responsibilities.
@@ -121,7 +130,7 @@ def _normal_mean(block: Block, nk, sk, mode: str) -> tuple[np.ndarray, dict]:
     return _spread(mu, slot.axes, shape), {"mu": mu}
 
 
-def _second_moments(nk, s1, s2, mu_shift) -> np.ndarray | None:
+def second_moments(nk, s1, s2, mu_shift) -> np.ndarray | None:
     """``sum gamma (x - mu)^2`` per (k, d) from the centred sums, or None when float64
     cannot give it accurately (cancellation, overflow or underflow)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -175,7 +184,7 @@ def _normal(block: Block, b: int, stats: Stats, request: StatsRequest, mode, bat
         return out
     slot = block.slots["sigma"]
     reg_covar = float(block.consts.get("reg_covar", 0.0))
-    m2 = _second_moments(nk, s1, _sums(stats, request, b, "xx", block.items), mu - offset)
+    m2 = second_moments(nk, s1, _sums(stats, request, b, "xx", block.items), mu - offset)
     if m2 is None:
         sd = _sd_two_pass(batches, block, request.names, mu, slot, nk)
         sd = np.hypot(sd, np.sqrt(reg_covar)) if reg_covar > 0 else sd
@@ -184,6 +193,63 @@ def _normal(block: Block, b: int, stats: Stats, request: StatsRequest, mode, bat
     # At least the smallest float: data near 1e-300 have legitimately tiny sigma.
     out["sigma"] = np.maximum(sd, TINY)
     return out
+
+
+def linear_moments(stats: Stats, request: StatsRequest, b: int, j: int):
+    """``(A, r, yy)`` of a linear-predictor block: per component the weighted sums of
+    covariate products (K, J, J), of covariates times response (K, J), and of squared
+    responses (K,)."""
+    k = stats.nk.size
+    a, r = np.empty((k, j, j)), np.empty((k, j))
+    for p in range(j):
+        r[:, p] = stats.s[request.index[(b, "cy", p)]]
+        for q in range(p, j):
+            a[:, p, q] = a[:, q, p] = stats.s[request.index[(b, "cc", p, q)]]
+    return a, r, stats.s[request.index[(b, "yy", 0)]]
+
+
+def _rss_two_pass(batches: Batches, block: Block, names, beta: np.ndarray) -> np.ndarray:
+    """``sum_i gamma_ik (y_i - mu_ik)^2`` per component from the data: used where the
+    sums of squares would cancel (residuals far smaller than the response)."""
+    total = np.zeros(beta.shape[0])
+    for gamma_t, chunk in batches():
+        data = dict(zip(names, chunk.arrays, strict=True))
+        n = gamma_t.shape[1]
+        y = np.asarray(data[block.data_name], dtype=float).reshape(n)
+        design = np.stack([covariate(block, c, data, n) for c in coefficients(block)])
+        total += np.einsum("kn,kn->k", gamma_t, (y[None, :] - beta @ design) ** 2)
+    return total
+
+
+def _linear(block: Block, b: int, stats: Stats, request: StatsRequest, batches) -> dict:
+    """Weighted least squares per component; the scale from the weighted residuals."""
+    names = coefficients(block)
+    a, r, yy = linear_moments(stats, request, b, len(names))
+    beta = np.stack([np.linalg.lstsq(a[k], r[k], rcond=None)[0] for k in range(len(a))])
+    out = {name: beta[:, j] for j, name in enumerate(names)}
+    if "sigma" in block.slots:
+        rss = yy - 2 * (beta * r).sum(axis=1) + np.einsum("kj,kjl,kl->k", beta, a, beta)
+        if not np.all(rss > CANCELLATION_RSS * yy):
+            rss = _rss_two_pass(batches, block, request.names, beta)
+        axes = block.slots["sigma"].axes
+        nk = np.maximum(stats.nk, TINY)[:, None]
+        out["sigma"] = np.maximum(np.sqrt(_pool(rss[:, None], axes) / _pool(nk, axes)), TINY)
+    return out
+
+
+def _categorical(block: Block, b: int, stats: Stats, request: StatsRequest, mode: str) -> dict:
+    """``p_kdc = (S_kdc + a_c - 1) / sum_c (S_kdc + a_c - 1)``, S the weighted count of
+    category c in item d (Dirichlet(a) prior; a = 1 in mode="mle")."""
+    k, d, cats = stats.nk.size, block.items, int(block.consts["n_categories"])
+    counts = np.empty((k, d, cats))
+    for j in range(d):
+        for c in range(cats):
+            counts[:, j, c] = stats.s[request.index[(b, "c", j, c)]]
+    prior = block.priors.get("p")
+    alpha = prior[1] if mode == "map" and prior and prior[0] == "dirichlet" else 1.0
+    num = np.maximum(counts + np.broadcast_to(alpha, counts.shape) - 1, 0.0)
+    p = np.maximum(num / np.maximum(num.sum(axis=2, keepdims=True), TINY), TINY)
+    return {"p": (p / p.sum(axis=2, keepdims=True)).reshape(-1)}
 
 
 def closed_form_update(
@@ -205,6 +271,10 @@ def closed_form_update(
             values = {next(iter(block.slots)): _weights(block, stats.nk, mode)}
         elif block.family == "normal":
             values = _normal(block, b, stats, request, mode, batches)
+        elif block.family == "normal_linear":
+            values = _linear(block, b, stats, request, batches)
+        elif block.family == "categorical":
+            values = _categorical(block, b, stats, request, mode)
         else:
             values = _conjugate(block, b, stats, request, mode)
         for name, flat in values.items():

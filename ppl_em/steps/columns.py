@@ -3,7 +3,10 @@ give the closed-form M-step.
 
 For a Normal block: the data centred on a fixed offset (the mean of the whole data)
 and their squares; for a Binomial block with per-observation trials: the trials; for
-an MvNormal block: the centred data and all pairwise products. The offsets are fixed
+a Categorical block: one indicator per item and category; for
+a Gaussian regression block: the products of its covariates (1 for an intercept) with
+each other and with the response, and the squared response; for an MvNormal block:
+the centred data and all pairwise products. The offsets are fixed
 once per dataset, so the columns of any chunk are those rows of the whole data's
 columns, and the weighted sums add up across chunks.
 
@@ -46,7 +49,7 @@ class StatsRequest(NamedTuple):
         data = dict(zip(self.names, arrays, strict=True))
         n = np.shape(arrays[0])[0] * self.labels_per_row
         out = np.empty((len(self.index), n))
-        for b, block in enumerate(self.plan.blocks):
+        for b, block in enumerate(self.plan.all_blocks):
             if block.data_name is not None:
                 offset = self.offsets.get(b, np.zeros(block.items))
                 _block_columns(out, self.index, b, block, data, offset)
@@ -65,7 +68,45 @@ def trials_source(block: Block):
     return n if isinstance(n, DataRef) else None
 
 
+def coefficients(block: Block) -> list[str]:
+    """A linear-predictor block's coefficient slots ``b0, b1, ...`` in order."""
+    return sorted((n for n in block.slots if n != "sigma"), key=lambda n: int(n[1:]))
+
+
+def covariate(block: Block, name: str, data: dict, n: int) -> np.ndarray:
+    """Coefficient ``name``'s covariate over the chunk (ones for an intercept)."""
+    ref = block.consts.get(f"x{name[1:]}")
+    if ref is None:
+        return np.ones(n)
+    values = ref.array if ref.name is None else data[ref.name]
+    return np.asarray(values, dtype=float).reshape(n)
+
+
+def _linear_columns(out, index, b: int, block: Block, data: dict) -> None:
+    n = out.shape[1]
+    y = np.asarray(data[block.data_name], dtype=float).reshape(n)
+    cov = [covariate(block, name, data, n) for name in coefficients(block)]
+    for j, cj in enumerate(cov):
+        np.multiply(cj, y, out=out[index[(b, "cy", j)]])
+        for m in range(j, len(cov)):
+            np.multiply(cj, cov[m], out=out[index[(b, "cc", j, m)]])
+    np.multiply(y, y, out=out[index[(b, "yy", 0)]])
+
+
+def _categorical_columns(out, index, b: int, block: Block, data: dict) -> None:
+    x = np.asarray(data[block.data_name]).reshape(out.shape[1], block.items)
+    for d in range(block.items):
+        for c in range(int(block.consts["n_categories"])):
+            np.equal(x[:, d], c, out=out[index[(b, "c", d, c)]], casting="unsafe")
+
+
 def _block_columns(out, index, b: int, block: Block, data: dict, offset: np.ndarray) -> None:
+    if block.family == "categorical":
+        _categorical_columns(out, index, b, block, data)
+        return
+    if block.family == "normal_linear":
+        _linear_columns(out, index, b, block, data)
+        return
     x = np.asarray(data[block.data_name], dtype=float).reshape(out.shape[1], block.items)
     source = trials_source(block)
     trials = None
@@ -87,8 +128,18 @@ def _block_columns(out, index, b: int, block: Block, data: dict, offset: np.ndar
 
 def _roles(plan: ClosedFormPlan, dims: dict[int, int]) -> list[tuple]:
     keys = []
-    for b, block in enumerate(plan.blocks):
+    for b, block in enumerate(plan.all_blocks):
         if block.data_name is None:
+            continue
+        if block.family == "categorical":
+            cats = int(block.consts["n_categories"])
+            keys += [(b, "c", d, c) for d in range(block.items) for c in range(cats)]
+            continue
+        if block.family == "normal_linear":
+            j = len(coefficients(block))
+            keys += [(b, "cy", a) for a in range(j)]
+            keys += [(b, "cc", a, c) for a in range(j) for c in range(a, j)]
+            keys.append((b, "yy", 0))
             continue
         for d in range(block.items):
             keys.append((b, "x", d))
@@ -107,7 +158,7 @@ def stats_request(plan: ClosedFormPlan, names, arrays, labels_per_row: int = 1) 
     for data too large for memory, a representative chunk)."""
     data = dict(zip(names, arrays, strict=True))
     offsets = {}
-    for b, block in enumerate(plan.blocks):
+    for b, block in enumerate(plan.all_blocks):
         if block.family == "normal" and block.data_name is not None:
             x = np.asarray(data[block.data_name], dtype=float).reshape(-1, block.items)
             offsets[b] = x.mean(axis=0)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
+from ppl_em.compiled.stats_q import StatsQ, compile_stats_q
 from ppl_em.errors import ClosedFormUnavailableError
 from ppl_em.model.recognise import ClosedFormPlan
 from ppl_em.options import MSTEPS
@@ -32,6 +33,7 @@ from ppl_em.steps.mvn_solve import (
 )
 from ppl_em.steps.numeric import maximise_q
 from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
+from ppl_em.steps.stats_newton import block_statistics, statistics_update
 
 # A numeric M-step stops once the gradient of Q has shrunk by this factor (a
 # generalised EM step: Q increases, the fixed point is the same); a relative rule, unlike
@@ -50,6 +52,7 @@ class MStepConfig(NamedTuple):
     gtol: float = 1e-10
     mvn: tuple[MvnUpdate, ...] = ()
     grad_reduction: float = GEM_GRAD_REDUCTION
+    statistics: tuple[StatsQ, ...] = ()
 
 
 class Expectations(NamedTuple):
@@ -81,9 +84,11 @@ def make_mstep_config(
             "Use mstep='auto' (closed form where possible, numeric elsewhere)."
         )
     layout = functions.layout
-    mask = ~layout.mask(plan.closed)
+    mask = ~layout.mask(plan.closed | plan.from_statistics)
     mvn = tuple(compile_update(functions, spec) for spec in plan.mvn)
-    return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction)
+    stats_q = tuple(compile_stats_q(functions, block) for block in plan.statistics)
+    return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction,
+                       statistics=stats_q)  # fmt: skip
 
 
 def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
@@ -129,13 +134,30 @@ def _mvn_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expectations)
     return u
 
 
+def _statistics_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expectations):
+    """Each block maximised from the statistics by Newton's method; one Newton cannot
+    finish gets the numeric step over the data instead."""
+    first = len(config.plan.blocks)
+    for i, (block, sq) in enumerate(zip(config.plan.statistics, config.statistics, strict=True)):
+        arrays = block_statistics(ex.stats, ex.request, first + i, block)
+        new = None if arrays is None else statistics_update(sq, u, arrays)
+        if new is None:
+            mask = np.zeros_like(config.numeric_mask)
+            mask[sq.index] = True
+            new = numeric_step(functions, config._replace(numeric_mask=mask), u, ex.batches)
+        u = new
+    return u
+
+
 def closed_step(functions, config: MStepConfig, u: np.ndarray, ex: Expectations):
-    """Replace the closed-form variables' entries of ``u`` by their exact update."""
+    """Replace the closed-form variables' entries of ``u`` by their exact update, and
+    those of the blocks maximised from the statistics by theirs."""
     plan = config.plan
     if plan.blocks:
         current = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
         new = closed_form_update(plan, ex.stats, ex.request, current, functions.mode, ex.batches)
         u = _set_closed(functions, config, u, new)
+    u = _statistics_blocks(functions, config, u, ex)
     return _mvn_blocks(functions, config, u, ex)
 
 

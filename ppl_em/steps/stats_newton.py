@@ -1,0 +1,70 @@
+"""The M-step of the blocks maximised from the statistics: Newton's method on their Q
+(:mod:`ppl_em.compiled.stats_q`), a function of the E-step's sums alone.
+
+A few variables each, and each evaluation of Q and its gradient costs microseconds
+whatever N is, so the damped Newton of :mod:`ppl_em.steps.newton` (finite-difference
+Hessian, eigenvalue floor, line search) runs to Q's maximiser. If it does not get there,
+the caller takes the numeric step over the data for that block instead, so a failure
+costs time, never the answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ppl_em.compiled.stats_q import StatsQ
+from ppl_em.model.recognise import Block
+from ppl_em.steps.closed_form import CANCELLATION_RSS, linear_moments, second_moments
+from ppl_em.steps.columns import StatsRequest, coefficients
+from ppl_em.steps.newton import hessian, newton_direction, newton_maximise
+from ppl_em.steps.stats import TINY, Stats
+
+# Newton stops within 1e-12 standard errors (under Q) of Q's maximum; a result more
+# than this far from it counts as a failure.
+DECREMENT_TOL = 1e-6
+
+
+def block_statistics(stats: Stats, request: StatsRequest, b: int, block: Block):
+    """``(nk, S, S2, T, centre)`` of block ``b`` (``plan.all_blocks`` numbering) for its
+    compiled Q (``(nk, A, r, yy)`` for a Gaussian regression), or None when its sums of
+    squares would cancel in float64."""
+    k, d = stats.nk.size, block.items
+    if block.family == "weights_graph":
+        return (stats.nk,)
+    if block.family == "normal_linear":
+        a, r, yy = linear_moments(stats, request, b, len(coefficients(block)))
+        beta = np.stack([np.linalg.lstsq(a[j], r[j], rcond=None)[0] for j in range(k)])
+        rss = yy - 2 * (beta * r).sum(axis=1) + np.einsum("kj,kjl,kl->k", beta, a, beta)
+        return (stats.nk, a, r, yy) if np.all(rss > CANCELLATION_RSS * yy) else None
+
+    def role(name: str) -> np.ndarray:
+        if (b, name, 0) not in request.index:
+            return np.zeros((k, d))
+        return np.stack([stats.s[request.index[(b, name, j)]] for j in range(d)], axis=1)
+
+    s, s2, trials = role("x"), role("xx"), role("n")
+    centre = np.asarray(request.offsets.get(b, np.zeros(d)), dtype=float)
+    if block.family == "normal":
+        nk = np.maximum(stats.nk, TINY)[:, None] * np.ones((1, d))
+        if second_moments(nk, s, s2, np.zeros((k, d))) is None:
+            return None
+    return stats.nk, s, s2, trials, centre
+
+
+def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
+    """``u`` with the block's entries at its Q's maximiser, or None if Newton did not
+    get there (the decrement, in standard errors under Q, still above ``DECREMENT_TOL``)."""
+
+    def evaluate(x):
+        return sq.q(x, *arrays)
+
+    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0)
+    q, grad = evaluate(found.values)
+    if not (np.isfinite(q) and np.all(np.isfinite(grad))):
+        return None
+    _, decrement = newton_direction(hessian(evaluate, found.values, grad), grad)
+    if decrement > DECREMENT_TOL:
+        return None
+    out = u.copy()
+    out[sq.index] = found.values
+    return out
