@@ -9,7 +9,9 @@ import pytest
 from scipy import optimize, special, stats
 
 import ppl_em
+from ppl_em.em import default_start
 from ppl_em.errors import DataError
+from ppl_em.steps import m_step_from_resp
 
 TIGHT = {"tol": 1e-13, "gap_tol": 1e-11, "progressbar": False, "mode": "mle"}
 MEANS = np.array([[-2.0, 0.0, 1.0], [2.0, 3.0, -1.0]])
@@ -249,3 +251,40 @@ def test_the_result_shows_missing_entries_as_nan_and_keeps_the_user_model():
         ppl_em.with_data(prepared, x=x)
     with pytest.raises(ValueError, match=r"fit\(data=...\) streams complete arrays"):
         ppl_em.fit(prepared=prepared, data={"x": np.nan_to_num(x)})
+
+
+def test_little_rubin_m_step_matches_a_numpy_update():
+    """With missing coordinates the MvNormal block stays closed-form: Little and Rubin's
+    update (rows completed by their conditional means under the current parameters,
+    plus the conditional covariances), checked against the same update written here."""
+    y, _ = _data(120, 3, 0.3, seed=11, cov=COV)
+    functions, config = ppl_em.prepare(_mvnormal(y, "label"), mode="mle")
+    assert [spec.missing for spec in config.plan.mvn] == [True]
+    assert {"mu", "c"} <= config.plan.closed
+    names = functions.layout.rv_names
+    u0 = default_start(functions, config, rng=None)
+    start = dict(zip(names, functions.constrain(u0), strict=True))
+    mu0, chol0 = start["mu"], _chol(start["c"], 3)
+    cov0 = chol0 @ chol0.T
+    gamma = np.random.default_rng(12).dirichlet(np.ones(2), size=len(y))
+    new = dict(zip(names, functions.constrain(m_step_from_resp(functions, config, u0, gamma)),
+                   strict=True))  # fmt: skip
+    sums, second = np.zeros((2, 3)), np.zeros((2, 3, 3))
+    for i, row in enumerate(y):
+        o = ~np.isnan(row)
+        m = ~o
+        for k in range(2):
+            full, extra = row.copy(), np.zeros((3, 3))
+            if m.any():
+                gain = cov0[np.ix_(m, o)] @ np.linalg.inv(cov0[np.ix_(o, o)])
+                full[m] = mu0[k, m] + gain @ (row[o] - mu0[k, o])
+                extra[np.ix_(m, m)] = cov0[np.ix_(m, m)] - gain @ cov0[np.ix_(o, m)]
+            sums[k] += gamma[i, k] * full
+            second[k] += gamma[i, k] * (np.outer(full, full) + extra)
+    nk = gamma.sum(axis=0)
+    mu1 = sums / nk[:, None]
+    cov1 = sum(second[k] - nk[k] * np.outer(mu1[k], mu1[k]) for k in range(2)) / len(y)
+    chol1 = _chol(new["c"], 3)
+    np.testing.assert_allclose(new["mu"], mu1, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(chol1 @ chol1.T, cov1, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(new["w"], nk / len(y), rtol=1e-10)

@@ -29,7 +29,9 @@ from ppl_em.model.graph import MixtureGraph, direct_users
 class MvnSpec(NamedTuple):
     """An MvNormal block: ``mu`` (K, D) and ``cov`` (K, D, D) as graphs of the value
     variables of ``rvs``; ``tied`` when one covariance is shared by the components
-    (then the M-step's target is the pooled covariance)."""
+    (then the M-step's target is the pooled covariance); ``missing`` when its data have
+    missing coordinates (then the target is Little and Rubin's, from conditional
+    moments)."""
 
     data_name: str
     rvs: tuple[TensorVariable, ...]
@@ -37,6 +39,7 @@ class MvnSpec(NamedTuple):
     cov: TensorVariable
     reg_covar: float = 0.0
     tied: bool = False
+    missing: bool = False
 
 
 def _label_params(graph: MixtureGraph, dist: TensorVariable):
@@ -153,8 +156,7 @@ def mvn_specs(graph: MixtureGraph, mode: str) -> tuple[list[MvnSpec], dict[str, 
         weights = graph.dependents[0].owner.inputs[1]
     specs, reasons = [], {}
     for dist, owners in candidates:
-        if any(graph.observed_mask(o.name) is not None for o in owners):
-            continue  # the plan's reason (recognise.MISSING) covers them
+        missing = any(graph.observed_mask(o.name) is not None for o in owners)
         found = _block_params(graph, dist)
         if found is None:
             continue
@@ -168,7 +170,7 @@ def mvn_specs(graph: MixtureGraph, mode: str) -> tuple[list[MvnSpec], dict[str, 
         tied = _tied(graph, cov, mu.type.shape[1])
         reason = _owned_reason(graph, rvs, owners, weights, mode, mu.type.shape, tied)
         if reason is None:
-            specs.append(MvnSpec(name, rvs, mu, cov, tied=tied))
+            specs.append(MvnSpec(name, rvs, mu, cov, tied=tied, missing=missing))
         else:
             reasons.update({r.name: reason for r in rvs})
     return specs, reasons

@@ -54,6 +54,8 @@ class StatsRequest(NamedTuple):
                 offset = self.offsets.get(b, np.zeros(block.items))
                 _block_columns(out, self.index, b, block, data, offset)
         for i, spec in enumerate(self.plan.mvn):
+            if spec.missing:
+                continue  # its moments are conditional on each row's observed part
             x = np.asarray(data[spec.data_name], dtype=float).reshape(n, -1) - self.mvn_means[i]
             for a in range(x.shape[1]):
                 out[self.index[("mvn", i, "x", a)]] = x[:, a]
@@ -167,6 +169,7 @@ def stats_request(plan: ClosedFormPlan, names, arrays, labels_per_row: int = 1) 
         x = np.asarray(data[spec.data_name], dtype=float)
         x = x.reshape(x.shape[0] * labels_per_row, -1)
         means.append(x.mean(axis=0))
-        dims[i] = x.shape[1]
+        if not spec.missing:
+            dims[i] = x.shape[1]
     index = {key: row for row, key in enumerate(_roles(plan, dims))}
     return StatsRequest(plan, tuple(names), index, offsets, tuple(means), labels_per_row)

@@ -27,6 +27,7 @@ from ppl_em.steps.mvn_solve import (
     MvnUpdate,
     compile_update,
     moments_from_stats,
+    moments_missing,
     moments_two_pass,
     pooled_covariance,
     solve_params,
@@ -118,11 +119,25 @@ def _set_closed(functions: EMFunctions, config: MStepConfig, u, values: dict) ->
     return u
 
 
+def _mvn_target(functions, spec, update, u: np.ndarray, ex: Expectations, i: int):
+    """Block i's weighted means and covariances (None if the statistics cannot give them
+    accurately); with missing coordinates, Little and Rubin's conditional moments at
+    the current parameters."""
+    if not spec.missing:
+        return moments_from_stats(ex.stats.nk, ex.stats, ex.request, i, spec.reg_covar)
+    k, d = functions.graph.n_components, int(spec.mu.type.shape[1])
+    current = update.params(u)
+    mu, cov = current[: k * d].reshape(k, d), current[k * d :].reshape(k, d, d)
+    mask = dict(functions.spec.masks)[spec.data_name]
+    return moments_missing(ex.batches, spec.data_name, mask, ex.request.names, mu, cov,
+                           spec.reg_covar)  # fmt: skip
+
+
 def _mvn_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expectations):
     """Each MvNormal block: weighted moments mapped back to its free variables; a block
     whose map cannot reach them gets L-BFGS on Q for this step instead."""
     for i, (spec, update) in enumerate(zip(config.plan.mvn, config.mvn, strict=True)):
-        target = moments_from_stats(ex.stats.nk, ex.stats, ex.request, i, spec.reg_covar)
+        target = _mvn_target(functions, spec, update, u, ex, i)
         if target is None:
             target = moments_two_pass(ex.batches, spec.data_name, ex.request.names, spec.reg_covar)
         if spec.tied:

@@ -106,6 +106,53 @@ def moments_two_pass(batches, name: str, names, reg_covar: float = 0.0):
     return mu, cov
 
 
+def _conditional_sums(x, seen, gamma_t, mu, cov, centre):
+    """One chunk's ``(sum gamma xhat, sum gamma (xhat xhat' + C))`` per component about
+    ``centre``: ``xhat`` fills each row's missing coordinates with their conditional
+    mean given its observed ones, ``C`` is their conditional covariance (zero
+    elsewhere). Rows are grouped by which coordinates they miss."""
+    k, d = mu.shape
+    s1, s2 = np.zeros((k, d)), np.zeros((k, d, d))
+    patterns, which = np.unique(seen, axis=0, return_inverse=True)
+    for p, o in enumerate(patterns):
+        rows, m = np.flatnonzero(which.ravel() == p), ~o
+        for j in range(k):
+            g = gamma_t[j, rows]
+            xhat = x[rows] - centre[j]
+            if m.any():
+                gain = np.linalg.solve(cov[j][np.ix_(o, o)], cov[j][np.ix_(o, m)]).T
+                shift = (x[rows][:, o] - mu[j, o]) @ gain.T
+                xhat[:, m] = mu[j, m] + shift - centre[j, m]
+                s2[j][np.ix_(m, m)] += g.sum() * (
+                    cov[j][np.ix_(m, m)] - gain @ cov[j][np.ix_(o, m)]
+                )
+            s1[j] += g @ xhat
+            s2[j] += (g[:, None] * xhat).T @ xhat
+    return s1, s2
+
+
+def moments_missing(batches, name: str, mask: str, names, mu, cov, reg_covar: float = 0.0):
+    """Little and Rubin's M-step targets for MvNormal data with missing coordinates:
+    the weighted moments of the rows completed by their conditional means under each
+    component's current ``(mu, cov)``, plus the conditional covariances of what is
+    missing. Summed about the current means, so nothing cancels near convergence."""
+    col, mcol = names.index(name), names.index(mask)
+    k, d = mu.shape
+    nk, s1, s2 = np.zeros(k), np.zeros((k, d)), np.zeros((k, d, d))
+    for gamma_t, chunk in batches():
+        n = gamma_t.shape[1]
+        x = np.asarray(chunk.arrays[col], dtype=float).reshape(n, d)
+        seen = np.asarray(chunk.arrays[mcol], dtype=bool).reshape(n, d)
+        a, b = _conditional_sums(x, seen, gamma_t, mu, cov, mu)
+        nk, s1, s2 = nk + gamma_t.sum(axis=1), s1 + a, s2 + b
+    nk = np.maximum(nk, TINY)
+    shift = s1 / nk[:, None]
+    new_cov = s2 / nk[:, None, None] - np.einsum("ki,kj->kij", shift, shift)
+    for j in range(k):
+        new_cov[j].flat[:: d + 1] += reg_covar
+    return mu + shift, new_cov
+
+
 def pooled_covariance(nk: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """The tied covariance's update, ``sum_k N_k Sigma_k / N`` (each ``Sigma_k`` about its
     component's mean), for every component."""
