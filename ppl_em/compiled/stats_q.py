@@ -19,7 +19,7 @@ weighted trials:
 plus, in mode="map", the log prior of the block's variables (no Jacobian, the
 find_MAP convention).
 So a block whose prior is not conjugate is still maximised without touching the data.
-The graph reads only the block's own variables, so it compiles in about a second.
+The graph reads only the block's own variables, so it is small.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pytensor.tensor as pt
-from pymc.pytensorf import compile as pymc_compile
 from pytensor.graph.replace import graph_replace
 
-from ppl_em.compiled.functions import EMFunctions, backend_mode
+from ppl_em.compiled.functions import EMFunctions, LazyFunction, backend_mode
 from ppl_em.model.recognise import Block
 from ppl_em.model.slots import DataRef
 
@@ -44,6 +43,27 @@ class StatsQ(NamedTuple):
 
     index: np.ndarray
     q: object
+
+
+# Calls on NumPy-backed Ops before Q is compiled to C: about 0.4 s of them, a fit of
+# some 25 EM iterations (benchmarks/README.md).
+SWITCH_CALLS = 1000
+
+
+class SwitchingFunction:
+    """Q and its gradient on NumPy-backed Ops (0.3 s to compile, 430 us a call) for the
+    first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile cold, 20 us a
+    call). Newton calls it dozens of times per M-step: a short fit never pays for C, a
+    longer one pays at most about 0.4 s before switching."""
+
+    def __init__(self, inputs: list, outputs: list) -> None:
+        self._python = LazyFunction(inputs, outputs, backend_mode("python"))
+        self._c = LazyFunction(inputs, outputs, backend_mode("c"))
+        self._calls = 0  # a race between threads only moves the switch by a call
+
+    def __call__(self, *args):
+        self._calls += 1
+        return (self._python if self._calls <= SWITCH_CALLS else self._c)(*args)
 
 
 def _grid(values, axes: tuple[str, ...], k: int, d: int):
@@ -140,7 +160,10 @@ def compile_stats_q(functions: EMFunctions, block: Block) -> StatsQ:
         total = total + model.logp(vars=rvs, jacobian=False, sum=True)
     total = graph_replace(pt.cast(total, "float64"), replace, strict=False)
     grad = pt.grad(total, sub)
-    # C: Newton calls it a few dozen times per M-step, at 20 us against 400 us in Python.
-    fn = pymc_compile([sub, nk, *stats], [total, grad],
-                      mode=backend_mode("c"), on_unused_input="ignore")  # fmt: skip
-    return StatsQ(np.flatnonzero(layout.mask(names)), fn)
+    inputs, outputs = [sub, nk, *stats], [total, grad]
+    # Where the rows are C (a large problem), so is Q from the start.
+    if functions.compiled_rows:
+        q = LazyFunction(inputs, outputs, backend_mode("c"))
+    else:
+        q = SwitchingFunction(inputs, outputs)
+    return StatsQ(np.flatnonzero(layout.mask(names)), q)
