@@ -117,8 +117,9 @@ def data_and_columns(path: Path, template, columns: dict[str, str]):
     """The ``--data`` CSV without the named columns, shaped like ``template``, and each
     named column (``{option: column name}``) as one value per observation."""
     path = Path(path)
-    header, table = _read_table(path) if path.suffix.lower() == ".csv" and path.is_file() else (
-        None, None)  # fmt: skip
+    header, table = None, None
+    if path.suffix.lower() == ".csv" and path.is_file():
+        header, table = _read_table(path)
     missing = [f"--{opt} {col}" for opt, col in columns.items() if col not in (header or [])]
     if missing:
         found = f"its columns are {header}" if header else "it has no header line naming columns"

@@ -86,20 +86,22 @@ def _weights(block: Block, nk: np.ndarray, mode: str) -> np.ndarray:
     return w / w.sum()
 
 
-def _sums(stats: Stats, request: StatsRequest, b: int, role: str, items: int) -> np.ndarray:
-    """The (K, D) weighted sums of a block's column ``role``."""
+def role_sums(stats: Stats, request: StatsRequest, b: int, role: str, items: int) -> np.ndarray:
+    """The (K, D) weighted sums of a block's column ``role`` (zeros if it has none)."""
+    if (b, role, 0) not in request.index:
+        return np.zeros((stats.nk.size, items))
     return np.stack([stats.s[request.index[(b, role, d)]] for d in range(items)], axis=1)
 
 
 def _conjugate(block: Block, b: int, stats: Stats, request: StatsRequest, mode: str) -> dict:
     """The count and rate families' updates."""
     nk = np.broadcast_to(stats.nk[:, None], (stats.nk.size, block.items))
-    sk = _sums(stats, request, b, "x", block.items)
+    sk = role_sums(stats, request, b, "x", block.items)
     slot = next(iter(block.slots.values()))
     pool = lambda arr: _pool(arr, slot.axes)  # noqa: E731
     if block.family in ("binomial", "bernoulli"):
         if (b, "n", 0) in request.index:
-            trials = _sums(stats, request, b, "n", block.items)
+            trials = role_sums(stats, request, b, "n", block.items)
         else:
             trials = np.asarray(block.consts.get("n", 1.0), dtype=float).reshape(-1, 1) * nk
         a, bb = _hyper(block, "p", mode, (1.0, 1.0))
@@ -178,13 +180,13 @@ def _pool_max(arr: np.ndarray, axes: tuple[str, ...]) -> np.ndarray:
 def _normal(block: Block, b: int, stats: Stats, request: StatsRequest, mode, batches) -> dict:
     nk = np.broadcast_to(np.maximum(stats.nk, TINY)[:, None], (stats.nk.size, block.items))
     offset = request.offsets[b][None, :]
-    s1 = _sums(stats, request, b, "x", block.items)
+    s1 = role_sums(stats, request, b, "x", block.items)
     mu, out = _normal_mean(block, nk, s1 + offset * nk, mode)
     if "sigma" not in block.slots:
         return out
     slot = block.slots["sigma"]
     reg_covar = float(block.consts.get("reg_covar", 0.0))
-    m2 = second_moments(nk, s1, _sums(stats, request, b, "xx", block.items), mu - offset)
+    m2 = second_moments(nk, s1, role_sums(stats, request, b, "xx", block.items), mu - offset)
     if m2 is None:
         sd = _sd_two_pass(batches, block, request.names, mu, slot, nk)
         sd = np.hypot(sd, np.sqrt(reg_covar)) if reg_covar > 0 else sd
@@ -208,6 +210,13 @@ def linear_moments(stats: Stats, request: StatsRequest, b: int, j: int):
     return a, r, stats.s[request.index[(b, "yy", 0)]]
 
 
+def least_squares(a: np.ndarray, r: np.ndarray, yy: np.ndarray):
+    """Per component, the coefficients minimising the weighted residual sum of squares
+    ``yy - 2 b'r + b'A b``, and that sum (from the sums, so it may cancel)."""
+    beta = np.stack([np.linalg.lstsq(a[k], r[k], rcond=None)[0] for k in range(len(a))])
+    return beta, yy - 2 * (beta * r).sum(axis=1) + np.einsum("kj,kjl,kl->k", beta, a, beta)
+
+
 def _rss_two_pass(batches: Batches, block: Block, names, beta: np.ndarray) -> np.ndarray:
     """``sum_i gamma_ik (y_i - mu_ik)^2`` per component from the data: used where the
     sums of squares would cancel (residuals far smaller than the response)."""
@@ -225,10 +234,9 @@ def _linear(block: Block, b: int, stats: Stats, request: StatsRequest, batches) 
     """Weighted least squares per component; the scale from the weighted residuals."""
     names = coefficients(block)
     a, r, yy = linear_moments(stats, request, b, len(names))
-    beta = np.stack([np.linalg.lstsq(a[k], r[k], rcond=None)[0] for k in range(len(a))])
+    beta, rss = least_squares(a, r, yy)
     out = {name: beta[:, j] for j, name in enumerate(names)}
     if "sigma" in block.slots:
-        rss = yy - 2 * (beta * r).sum(axis=1) + np.einsum("kj,kjl,kl->k", beta, a, beta)
         if not np.all(rss > CANCELLATION_RSS * yy):
             rss = _rss_two_pass(batches, block, request.names, beta)
         axes = block.slots["sigma"].axes

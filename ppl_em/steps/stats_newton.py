@@ -14,7 +14,13 @@ import numpy as np
 
 from ppl_em.compiled.stats_q import StatsQ
 from ppl_em.model.recognise import Block
-from ppl_em.steps.closed_form import CANCELLATION_RSS, linear_moments, second_moments
+from ppl_em.steps.closed_form import (
+    CANCELLATION_RSS,
+    least_squares,
+    linear_moments,
+    role_sums,
+    second_moments,
+)
 from ppl_em.steps.columns import StatsRequest, coefficients
 from ppl_em.steps.newton import hessian, newton_direction, newton_maximise
 from ppl_em.steps.stats import TINY, Stats
@@ -33,16 +39,9 @@ def block_statistics(stats: Stats, request: StatsRequest, b: int, block: Block):
         return (stats.nk,)
     if block.family == "normal_linear":
         a, r, yy = linear_moments(stats, request, b, len(coefficients(block)))
-        beta = np.stack([np.linalg.lstsq(a[j], r[j], rcond=None)[0] for j in range(k)])
-        rss = yy - 2 * (beta * r).sum(axis=1) + np.einsum("kj,kjl,kl->k", beta, a, beta)
+        _, rss = least_squares(a, r, yy)
         return (stats.nk, a, r, yy) if np.all(rss > CANCELLATION_RSS * yy) else None
-
-    def role(name: str) -> np.ndarray:
-        if (b, name, 0) not in request.index:
-            return np.zeros((k, d))
-        return np.stack([stats.s[request.index[(b, name, j)]] for j in range(d)], axis=1)
-
-    s, s2, trials = role("x"), role("xx"), role("n")
+    s, s2, trials = (role_sums(stats, request, b, role, d) for role in ("x", "xx", "n"))
     centre = np.asarray(request.offsets.get(b, np.zeros(d)), dtype=float)
     if block.family == "normal":
         nk = np.maximum(stats.nk, TINY)[:, None] * np.ones((1, d))
