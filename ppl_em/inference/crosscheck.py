@@ -24,6 +24,7 @@ from pymc_extras import marginalize, recover_marginals
 from ppl_em.compiled.layout import element_names
 from ppl_em.errors import NotIdentifiedError
 from ppl_em.fit import fit
+from ppl_em.inference.reference_modes import check_modes, numpy_mode, sample_nuts
 from ppl_em.inference.relabel import (
     component_params,
     match,
@@ -161,30 +162,6 @@ def default_start_note(em: EMResult, map_default: dict, logp_default: float, log
     return f"another mode (higher by {diff:.4g}: EM stopped at a local mode)"
 
 
-def _sample(model, *, initvals, draws, tune, chains, cores, random_seed, progressbar,
-            nuts_sampler, notes):  # fmt: skip
-    if nuts_sampler == "nutpie":
-        try:
-            import nutpie  # noqa: F401
-        except ImportError:
-            notes.append("nutpie is not installed; sampled with PyMC's NUTS instead")
-            nuts_sampler = "pymc"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pm.sample(
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            cores=cores,
-            random_seed=random_seed,
-            progressbar=progressbar,
-            nuts_sampler=nuts_sampler,
-            model=model,
-            initvals=initvals,
-            compute_convergence_checks=False,
-        )
-
-
 def _run_nuts(marg, em: EMResult, se: dict, nuts_init: str, notes: list, sample_kwargs: dict):
     """NUTS on the marginal model, label posterior, relabelling to EM's order."""
     if nuts_init not in ("em", "default"):
@@ -192,7 +169,7 @@ def _run_nuts(marg, em: EMResult, se: dict, nuts_init: str, notes: list, sample_
     # Chains start at the EM estimate (jittered by PyMC): from PyMC's default start, where
     # all components are equal, NUTS can spend minutes leaving the saddle.
     initvals = dict(em.params) if nuts_init == "em" else None
-    idata = _sample(marg, initvals=initvals, notes=notes, **sample_kwargs)
+    idata = sample_nuts(notes, model=marg, initvals=initvals, **sample_kwargs)
     lp = _nuts_label_lp(idata, marg, em)
     return idata, _relabel_idata(idata, em, se, lp)
 
@@ -353,6 +330,7 @@ def compare(
     cores: int | None = None,
     se_method: str = "louis",
     nuts_init: str = "em",
+    reference_modes: str = "fast",
 ) -> Comparison:
     """Fit ``model`` by EM and check it against find_MAP (two starts) and NUTS.
 
@@ -363,8 +341,11 @@ def compare(
     back to PyMC when not installed) go to ``pm.sample`` on the marginalised model.
     ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
     ``nuts_init`` is "em" (chains start at the jittered EM estimate) or "default".
+    ``reference_modes`` "fast" compiles find_MAP on NumPy-backed Ops and NUTS with numba
+    (:mod:`ppl_em.inference.reference_modes`); "pymc" keeps PyMC's default (C) for both.
     """
     _refuse_missing(model)
+    check_modes(reference_modes)
     timings = {}
     t0 = time.perf_counter()
     em = _em_fit(model, latent, em_kwargs)
@@ -376,15 +357,18 @@ def compare(
     t0 = time.perf_counter()
     # find_MAP and NUTS see the parameters EM held fixed as constants too (pm.do).
     marg = marginal_model(fix_parameters(model, em.fixed) if em.fixed else model, em)
-    map_em, logp_em, map_def, logp_def, note = _find_maps(marg, em, notes)
-    timings["find_map"] = time.perf_counter() - t0
+    # Everything but NUTS's own function compiles on NumPy-backed Ops in "fast".
+    with numpy_mode(reference_modes):
+        map_em, logp_em, map_def, logp_def, note = _find_maps(marg, em, notes)
+        timings["find_map"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    sample_kwargs = dict(draws=draws, tune=tune, chains=chains, cores=cores,
-                         random_seed=random_seed, progressbar=progressbar,
-                         nuts_sampler=nuts_sampler)  # fmt: skip
-    idata, relabelling = _run_nuts(marg, em, se, nuts_init, notes, sample_kwargs)
-    timings["nuts"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sample_kwargs = dict(draws=draws, tune=tune, chains=chains, cores=cores,
+                             random_seed=random_seed, progressbar=progressbar,
+                             nuts_sampler=nuts_sampler,
+                             reference_modes=reference_modes)  # fmt: skip
+        idata, relabelling = _run_nuts(marg, em, se, nuts_init, notes, sample_kwargs)
+        timings["nuts"] = time.perf_counter() - t0
 
     table = build_table(em, se, map_em, idata)
     return Comparison(
