@@ -3,8 +3,9 @@
 - Gaussian regression mixture (``models/regression_mixture.py``: Normal coefficients,
   HalfNormal scales): Newton on Q written in the E-step's statistics (weighted
   least-squares sums), against the same model on the numeric M-step over the data;
-- Poisson regression mixture (a GLM: ``mu = exp(a[z] + b[z] x)``): the numeric M-step
-  (damped Newton, finite-difference Hessian of Q summed over the data);
+- Poisson and logistic regression mixtures (GLMs: ``mu = exp(a[z] + b[z] x)``,
+  ``logit_p = a[z] + b[z] x``): Newton on Q over the data with its exact Hessian (IRLS),
+  against the same model with a finite-difference Hessian (``mstep="numeric"``);
 - stick-breaking weights, K = 20 (PyMC's example: Beta sticks, Normal means,
   HalfNormal scales) at N = 10^4.
 
@@ -42,6 +43,22 @@ def poisson_regression(n: int) -> pm.Model:
         beta = pm.Normal("beta", 0.0, 5.0, shape=2)
         z = pm.Categorical("z", p=w, shape=n)
         pm.Poisson("y", mu=pt.exp(alpha[z] + beta[z] * x), observed=y)
+    return model
+
+
+def logistic_regression(n: int) -> pm.Model:
+    """Opposite slopes, so that P(y = 1 | x) rises and falls and the mixture is identified
+    from one 0/1 answer per observation."""
+    rng = np.random.default_rng(13)
+    x = rng.uniform(-1.5, 1.5, n)
+    eta = np.where(rng.random(n) < 0.4, 1.0 + 4.0 * x, 1.0 - 4.0 * x)
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-eta))).astype(int)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        alpha = pm.Normal("alpha", 0.0, 5.0, shape=2)
+        beta = pm.Normal("beta", 0.0, 5.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=n)
+        pm.Bernoulli("y", logit_p=alpha[z] + beta[z] * x, observed=y)
     return model
 
 
@@ -99,7 +116,8 @@ def main(quick: bool = False) -> str:
     data = regression_mixture.default_data(n=n, seed=7)
     rows = rows_for("Gaussian regression, Normal/HalfNormal priors",
                     regression_mixture.build_model(data), n, numeric=True)  # fmt: skip
-    rows += rows_for("Poisson regression (GLM)", poisson_regression(n), n, numeric=False)
+    rows += rows_for("Poisson regression (GLM)", poisson_regression(n), n, numeric=True)
+    rows += rows_for("logistic regression (GLM)", logistic_regression(n), n, numeric=True)
     rows += rows_for("stick-breaking, K=20", stick_breaking(n // 10), n // 10, numeric=False,
                      slow=True)  # fmt: skip
     head = ["model", "N", "method", "seconds", "x EM time", "objective - best", "iterations"]

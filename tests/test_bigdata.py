@@ -60,6 +60,18 @@ def _regression_label(data):
     return MODELS["regression_mixture"].build_model(data)
 
 
+def _poisson_regression(data):
+    """Poisson regression components: the numeric M-step with IRLS's exact Hessian."""
+    x, y = data
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        a = pm.Normal("a", 0.0, 5.0, shape=2)
+        b = pm.Normal("b", 0.0, 5.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(y))
+        pm.Poisson("y", mu=pm.math.exp(a[z] + b[z] * x), observed=y)
+    return model
+
+
 def _gaussian_2d(x):
     return MODELS["gaussian_2d"].build_model(x)
 
@@ -69,10 +81,15 @@ def _data(kind: str):
         return gaussian_data(N, seed=5)
     if kind == "mvnormal":
         return MODELS["gaussian_2d"].default_data(N, seed=6)
+    if kind == "counts":
+        rng = np.random.default_rng(8)
+        x = rng.uniform(-1.0, 1.0, N)
+        return x, rng.poisson(np.exp(np.where(rng.random(N) < 0.4, 0.5 + x, 2.0 - 0.5 * x)))
     return MODELS["regression_mixture"].default_data(N, seed=7)
 
 
-# (model builder, data kind, mode): closed form, MvNormal closed form, numeric M-step
+# (model builder, data kind, mode): closed form, MvNormal closed form, numeric M-step,
+# a GLM's numeric M-step with its exact Hessian
 CASES = {
     "normal-label": (_flat_gaussian_label, "normal", "mle"),
     "normal-mixture": (gaussian_mixture, "normal", "mle"),
@@ -80,6 +97,7 @@ CASES = {
     "mvnormal-mixture": (mvnormal_mixture, "mvnormal", "mle"),
     "numeric-label": (_regression_label, "regression", "map"),
     "numeric-mixture": (_regression_data_mixture, "regression", "map"),
+    "glm-label": (_poisson_regression, "counts", "map"),
 }
 
 

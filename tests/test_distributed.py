@@ -50,8 +50,10 @@ def _fit(sample, data, client, **kw):
 # Partitionings of N=3000 rows: even, uneven, one row first, one partition.
 UNEVEN = (1, 499, 1700, 800)
 # The fast suite: a closed-form model in two partitionings (and NumPy input cut by
-# chunk_size), the numeric M-step's map-reduce of Q in one; the rest is slow.
-FAST = [("normal-label", 1000), ("normal-label", UNEVEN), ("numeric-mixture", UNEVEN)]
+# chunk_size), the numeric M-step's map-reduce of Q in one, with finite-difference and
+# with exact (IRLS) Hessians; the rest is slow.
+FAST = [("normal-label", 1000), ("normal-label", UNEVEN), ("numeric-mixture", UNEVEN),
+        ("glm-label", UNEVEN)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("case", "chunks"), FAST)

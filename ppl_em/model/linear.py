@@ -1,4 +1,6 @@
-"""Gaussian regression components: a Normal whose mean is a linear predictor.
+"""Regression components: a Normal whose mean is a linear predictor, and a Poisson or
+Bernoulli whose mean is the inverse of its canonical link (``exp``, the logistic
+sigmoid) of one (:func:`glm_predictor`).
 
 ``mu_i = b_0[z_i] + b_1[z_i] c_1i + ... + b_J[z_i] c_Ji``: each term is a per-component
 coefficient (``b[z]`` with ``b`` of shape (K,)), alone (an intercept) or times a
@@ -10,7 +12,8 @@ weighted sums ``sum_i gamma_ik c_ji c_li``, ``sum_i gamma_ik c_ji y_i`` and
 
 from __future__ import annotations
 
-from pytensor.scalar import Add, Mul
+from pytensor.scalar import Add, Exp, Mul
+from pytensor.scalar.math import Sigmoid
 from pytensor.tensor import TensorVariable
 from pytensor.tensor.elemwise import Elemwise
 
@@ -60,3 +63,15 @@ def linear_terms(expr: TensorVariable, graph: MixtureGraph, data: DataSpec | Non
     if any(inverse or axes != ("k",) for (_, inverse, axes), _ in terms):
         return None
     return terms
+
+
+# The inverse of each GLM family's canonical link, as PyMC writes it (``pm.math.exp``;
+# ``pm.math.invlogit`` or ``logit_p=``, which PyMC turns into ``sigmoid``).
+INVERSE_LINKS = {"poisson": Exp, "bernoulli": Sigmoid}
+
+
+def glm_predictor(expr: TensorVariable, family: str) -> TensorVariable | None:
+    """``eta`` where ``expr`` is the family's inverse canonical link of ``eta``, else None."""
+    link = INVERSE_LINKS.get(family)
+    inner = _operands(strip(expr), link) if link else None
+    return inner[0] if inner and len(inner) == 1 else None

@@ -21,7 +21,7 @@ from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.linear import linear_terms
+from ppl_em.model.linear import INVERSE_LINKS, glm_predictor, linear_terms
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
 from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
 from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, shape_of, strip
@@ -62,6 +62,7 @@ class ClosedFormPlan(NamedTuple):
     reasons: dict[str, str]
     mvn: tuple[MvnSpec, ...] = ()
     statistics: tuple[Block, ...] = ()
+    glm: tuple[Block, ...] = ()
 
     @property
     def all_blocks(self) -> tuple[Block, ...]:
@@ -121,6 +122,10 @@ def _family_block(
         linear = _linear_block(graph, dists[0], data)
         if linear is not None:
             return linear
+    if family in INVERSE_LINKS and batched and not items:
+        glm = _glm_block(graph, dists[0], data, family)
+        if glm is not None:
+            return glm
     for pos, name in enumerate(names):
         exprs = [d.owner.op.dist_params(d.owner)[pos] for d in dists]
         found = [param_slot(e, graph, None if batched else k, data, items)
@@ -167,11 +172,7 @@ def _linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | s
     terms = linear_terms(mu, graph, data)
     if terms is None:
         return None
-    slots, consts = {}, {}
-    for j, ((refs, _, axes), covariate) in enumerate(terms):
-        slots[f"b{j}"] = Slot(refs=refs, inverse=False, axes=axes)
-        if covariate is not None:
-            consts[f"x{j}"] = covariate
+    slots, consts = _coefficients(terms)
     found = param_slot(sigma, graph, None, data)
     made = _slot([found], "sigma", "normal") if isinstance(found, tuple) else (
         _const([found], "sigma", graph, True) if found is not None else None)  # fmt: skip
@@ -182,6 +183,29 @@ def _linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | s
     (slots if isinstance(made, Slot) else consts)["sigma"] = made
     priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
     return Block("normal_linear", dist.name, slots, consts, priors)
+
+
+def _coefficients(terms: list) -> tuple[dict, dict]:
+    """A linear predictor's slots ``b0, b1, ...`` and known covariates ``x<j>``."""
+    slots, consts = {}, {}
+    for j, ((refs, _, axes), covariate) in enumerate(terms):
+        slots[f"b{j}"] = Slot(refs=refs, inverse=False, axes=axes)
+        if covariate is not None:
+            consts[f"x{j}"] = covariate
+    return slots, consts
+
+
+def _glm_block(graph: MixtureGraph, dist, data: DataSpec | None, family: str) -> Block | None:
+    """A Poisson or Bernoulli regression: its mean is the inverse canonical link of a
+    linear predictor (:func:`ppl_em.model.linear.glm_predictor`)."""
+    (param,) = dist.owner.op.dist_params(dist.owner)
+    eta = glm_predictor(param, family)
+    terms = None if eta is None else linear_terms(eta, graph, data)
+    if terms is None:
+        return None
+    slots, consts = _coefficients(terms)
+    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    return Block(f"{family}_glm", dist.name, slots, consts, priors)
 
 
 def _consistent(family: str, slots: dict, consts: dict) -> str | None:
@@ -278,6 +302,29 @@ def _weights_graph_ok(graph: MixtureGraph, block: Block, owners: set) -> bool:
     return not any(params & set(ancestors(rv.owner.inputs)) for rv in rvs)
 
 
+GLM = (
+    "its mean is the inverse link of a linear predictor, which has no closed form; "
+    "Newton's method with the exact Hessian of Q (IRLS) maximises it over the data"
+)
+
+
+def _glm_ok(graph: MixtureGraph, block: Block, owners: set, mode: str) -> bool:
+    """Coefficients that are untransformed, enter nothing but this family, and have
+    Normal or flat priors with constant parameters (or no prior: ``mode="mle"``)."""
+    params = set(graph.params)
+    for name, slot in block.slots.items():
+        rvs = {r for r, _ in slot.refs}
+        if any(graph.model.rvs_to_transforms.get(r) is not None for r in rvs):
+            return False
+        if any(direct_users(graph, r) - owners or params & set(ancestors(r.owner.inputs))
+               for r in rvs):  # fmt: skip
+            return False
+        prior = block.priors[name]
+        if mode == "map" and (prior is None or prior[0] not in ("normal", "flat")):
+            return False
+    return True
+
+
 def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> str | None:
     for name, slot in block.slots.items():
         rvs = {r for r, _ in slot.refs}
@@ -309,7 +356,7 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
         mix = graph.dependents[0]
         candidates.append((_dependent_block(graph, mix.owner.inputs[2:], mix, data), {mix}))
         candidates.append((_weights_block(graph), {mix}))
-    reasons, blocks, statistics = {}, [], []
+    reasons, blocks, statistics, glm = {}, [], [], []
     for block, owners in candidates:
         if isinstance(block, str):
             # No block at all: the reason belongs to the free variables its owners read.
@@ -318,6 +365,10 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
         elif isinstance(block, Block) and block.family == "weights_graph":
             if _weights_graph_ok(graph, block, owners):
                 statistics.append(block)
+        elif isinstance(block, Block) and block.family.endswith("_glm"):
+            if _glm_ok(graph, block, owners, mode):
+                glm.append(block)
+            reasons.update({r.name: GLM for s in block.slots.values() for r, _ in s.refs})
         elif isinstance(block, Block):
             reason = _check_block(graph, block, owners, mode)
             if reason is None:
@@ -339,7 +390,8 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
         if rv.name not in closed and rv.name not in reasons:
             reasons[rv.name] = "no closed-form family in ppl_em covers it"
     reasons = {name: why for name, why in reasons.items() if name not in closed}
-    return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs), tuple(statistics))
+    return ClosedFormPlan(tuple(blocks), closed, reasons, tuple(specs), tuple(statistics),
+                          tuple(glm))  # fmt: skip
 
 
 def _size(rv: TensorVariable) -> int:

@@ -23,6 +23,7 @@ from ppl_em.options import MSTEPS
 from ppl_em.steps.closed_form import Batches, closed_form_update
 from ppl_em.steps.columns import StatsRequest, stats_request
 from ppl_em.steps.estep import whole_data
+from ppl_em.steps.glm import GlmSpec, glm_hessian, glm_specs, known, local
 from ppl_em.steps.mvn_solve import (
     MvnUpdate,
     compile_update,
@@ -54,6 +55,7 @@ class MStepConfig(NamedTuple):
     mvn: tuple[MvnUpdate, ...] = ()
     grad_reduction: float = GEM_GRAD_REDUCTION
     statistics: tuple[StatsQ, ...] = ()
+    glm: tuple[GlmSpec, ...] = ()
 
 
 class Expectations(NamedTuple):
@@ -89,7 +91,7 @@ def make_mstep_config(
     mvn = tuple(compile_update(functions, spec) for spec in plan.mvn)
     stats_q = tuple(compile_stats_q(functions, block) for block in plan.statistics)
     return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction,
-                       statistics=stats_q)  # fmt: skip
+                       statistics=stats_q, glm=glm_specs(functions, plan.glm))  # fmt: skip
 
 
 def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
@@ -182,8 +184,16 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
     mask = config.numeric_mask
     if not mask.any():
         return u
+    exact, coefficients = None, known(config.glm, mask)
+    if coefficients is not None and local(batches):
+        full = u.copy()
+
+        def exact(sub):
+            full[mask] = sub
+            return coefficients, glm_hessian(config.glm, full, mask, batches)
+
     found = maximise_q(
-        functions, u, mask, batches, config.grad_reduction, config.maxiter, config.gtol
+        functions, u, mask, batches, config.grad_reduction, config.maxiter, config.gtol, exact
     )
     out = u.copy()
     out[mask] = found.values

@@ -76,6 +76,20 @@ def hessian(evaluate, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
     return 0.5 * (h + h.T)
 
 
+def partial_hessian(evaluate, x, grad, known: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Q's Hessian with its entries among the variables ``known`` given (``exact``) and
+    the rest from forward differences along the other variables: one gradient per
+    unknown variable instead of one per variable."""
+    h = np.array(exact, dtype=float)
+    others = np.flatnonzero(~known)
+    if others.size:
+        cols = np.stack([_column(evaluate, x, grad, i) for i in others], axis=1)
+        h[:, others], h[others, :] = cols, cols.T
+        block = cols[others]
+        h[np.ix_(others, others)] = 0.5 * (block + block.T)
+    return h
+
+
 def newton_direction(h: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, float]:
     """The ascent direction ``(-H)^-1 g`` (with -H's eigenvalues floored in the scaled
     coordinates) and the Newton decrement. Non-finite Hessian entries (a component
@@ -104,16 +118,17 @@ def newton_maximise(
     grad_reduction: float,
     max_iter: int = 100,
     tol: float = 1e-12,
+    curvature=None,
 ) -> NewtonResult:
     """Damped Newton from ``start`` until the decrement has shrunk by ``grad_reduction``
     (0: below ``tol``, Q's maximiser); each step is halved until Q rises. ``evaluate``
-    and ``probe`` both give ``(Q, grad)``; the Hessian's difference points go to
-    ``probe``."""
+    and ``probe`` both give ``(Q, grad)``; the Hessian is ``curvature(x, grad)`` where
+    given, else forward differences of ``probe``'s gradient."""
     x = start
     q, grad = evaluate(x)
     seen = []
     for _ in range(max_iter):
-        h = hessian(probe, x, grad)
+        h = hessian(probe, x, grad) if curvature is None else curvature(x, grad)
         direction, decrement = newton_direction(h, grad)
         seen.append(decrement)
         if decrement <= max(grad_reduction * seen[0], tol) or _at_noise_floor(seen):

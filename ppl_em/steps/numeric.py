@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.steps.estep import q_and_grad
-from ppl_em.steps.newton import newton_maximise
+from ppl_em.steps.newton import newton_maximise, partial_hessian
 
 
 class NumericResult(NamedTuple):
@@ -131,18 +131,28 @@ def maximise_q(
     grad_reduction: float,
     maxiter: int = 500,
     gtol: float = 1e-10,
+    exact=None,
 ) -> NumericResult:
     """Increase Q over ``u[mask]`` from ``u``: stop once the scaled gradient has shrunk
     by ``grad_reduction`` (a generalised step) or, for 0, at Q's maximiser.
 
     Blocks of at most ``NEWTON_MAX`` variables take damped Newton steps
-    (:mod:`ppl_em.steps.newton`); larger ones L-BFGS runs, each in coordinates scaled by
-    the curvature where the last one ended, while Q still rises.
+    (:mod:`ppl_em.steps.newton`), with the Hessian's entries among the variables
+    ``exact(sub) -> (known, entries)`` knows exact and the rest from differences; larger
+    ones L-BFGS runs, each in coordinates scaled by the curvature where the last one
+    ended, while Q still rises.
     """
     evaluate = _Tracked(functions, u, mask, batches)
     start = u[mask]
     if start.size <= NEWTON_MAX:
-        found = newton_maximise(evaluate, evaluate.probe, start, grad_reduction, maxiter)
+        curvature = None
+        if exact is not None:
+
+            def curvature(x, grad):
+                return partial_hessian(evaluate.probe, x, grad, *exact(x))
+
+        found = newton_maximise(evaluate, evaluate.probe, start, grad_reduction, maxiter,
+                                curvature=curvature)  # fmt: skip
         return NumericResult(found.values, found.moved, found.start_decrement)
     q0, grad = evaluate(start)
     start_norm = None
