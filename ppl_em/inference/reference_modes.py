@@ -1,16 +1,17 @@
 """How PyMC's references are compiled: find_MAP on NumPy-backed Ops, NUTS on numba.
 
 ``find_MAP`` and NUTS stay PyMC's own; only the PyTensor mode their functions are
-compiled in is chosen here. On a cold cache PyMC's default (C) spends most of a
-``compare`` compiling: on the coin model 29 s for find_MAP's logp and gradient and 9 s
-more for NUTS's, against 1.4 s for the whole EM fit. Measured on the seed models
-(``benchmarks/README.md``, "Workflow"):
+compiled in is chosen here. Measured on the seed models (``benchmarks/README.md``,
+``bench_workflow.py``):
 
 * find_MAP takes a few hundred gradients, which NumPy-backed Ops (no C, no fusion, so
-  that every elementwise op stays one NumPy ufunc call) evaluate as fast as C would
-  need to compile: 3 s cold and warm against 29 s cold and 3 s warm;
-* NUTS takes thousands of gradients, so its function is compiled, by numba, which
-  compiles the whole graph in one go: 2 s cold against 9 s for C, and no slower warm.
+  that every elementwise op stays one NumPy ufunc call) evaluate in less time than C
+  takes to compile them: 2.9-3.8 s cold against 21-29 s, and slightly faster warm;
+* NUTS takes thousands of gradients, so its function is compiled, by numba: 2.2-2.7 s
+  warm against 2.3-3.4 s for C, but 20-38 s cold against 7.5-12 s.
+
+So a cold ``compare`` costs about what it did with C everywhere, and a warm one a
+little less.
 
 Numba does not implement every PyTensor Op; a model that uses one samples with PyMC's
 default mode instead, and the comparison's notes say so.
