@@ -1,5 +1,6 @@
 """Compile Q of a family block as a function of the E-step's statistics, with its exact
-gradient and Hessian in the block's unconstrained values.
+gradient in the block's unconstrained values (Newton differences the gradient for the
+Hessian: an exact symbolic one took 14-33 s to compile cold, benchmarks/README.md).
 
 For the families of :mod:`ppl_em.model.recognise` the expected complete-data
 log-likelihood depends on the data only through ``N_k`` and the weighted column sums

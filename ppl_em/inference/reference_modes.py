@@ -6,7 +6,7 @@ compiled in is chosen here. Measured on the seed models (``benchmarks/README.md`
 
 * find_MAP takes a few hundred gradients, which NumPy-backed Ops (no C, no fusion, so
   that every elementwise op stays one NumPy ufunc call) evaluate in less time than C
-  takes to compile them: 2.9-3.8 s cold against 21-29 s, and slightly faster warm;
+  takes to compile them: 1.9-3.8 s cold against 21-29 s, and slightly faster warm;
 * NUTS takes thousands of gradients, so its function is compiled, by numba: 2.2-2.7 s
   warm against 2.3-3.4 s for C, but 20-38 s cold against 7.5-12 s.
 
