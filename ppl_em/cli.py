@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ppl_em.cli_data import CliError, data_and_columns, load_column, load_data
+from ppl_em.options import REFERENCE_MODES
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -176,6 +177,7 @@ def cmd_compare(args) -> int:
         chains=args.chains,
         random_seed=args.seed,
         progressbar=args.progress,
+        reference_modes=args.reference_modes,
     )
     try:
         path = write_report(comparison, out, data=data, force=args.force)
@@ -319,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         kind = int_option(option, what, default, low=1)
         p_cmp.add_argument(option, type=kind, default=default, help=f"{what} ({default})")
+    p_cmp.add_argument(
+        "--reference-modes",
+        choices=REFERENCE_MODES,
+        default="fast",
+        help="how find_MAP and NUTS compile: 'fast' (NumPy-backed Ops, nothing to compile: "
+        "quickest on a first run), 'compiled' (NUTS in C: quickest once C's cache holds the "
+        "model), 'pymc' (PyMC's defaults); default: fast",
+    )
     p_cmp.add_argument(
         "--force", action="store_true", help="replace an existing report directory at --out"
     )

@@ -18,6 +18,8 @@ MSTEPS = ("auto", "closed", "numeric")
 BACKENDS = ("auto", "c", "numba", "python")
 ACCELERATORS = (None, "squarem")
 METHODS = ("batch", "online")
+# How compare compiles PyMC's find_MAP and NUTS (ppl_em.inference.reference_modes).
+REFERENCE_MODES = ("fast", "compiled", "pymc")
 
 
 class Constraint(NamedTuple):

@@ -3,7 +3,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytensor
 import pytest
+from pytensor.compile.mode import Mode
+from pytensor.link.vm import VMLinker
 
 os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
@@ -35,3 +38,15 @@ def assert_monotone(history, rel=1e-9):
     history = np.asarray(history)
     slack = rel * np.maximum(1.0, np.abs(history[1:]))
     assert np.all(np.diff(history) >= -slack), np.diff(history).min()
+
+
+def numpy_ops():
+    """A context in which PyTensor compiles on NumPy-backed Ops (no C, no fusion).
+
+    For the references a test runs once (``pm.find_MAP`` and a logp on the marginalised
+    model): they take a few hundred gradients, fewer seconds than C takes to compile
+    them on a cold cache. Written here, not taken from ppl_em, so that a reference
+    shares no code with what it checks.
+    """
+    linker = VMLinker(use_cloop=False, c_thunks=False)
+    return pytensor.config.change_flags(mode=Mode(linker, "fast_run").excluding("fusion"))

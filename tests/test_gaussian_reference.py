@@ -7,7 +7,7 @@ import pytest
 from sklearn.mixture import GaussianMixture
 
 import ppl_em
-from tests.conftest import assert_monotone
+from tests.conftest import assert_monotone, numpy_ops
 from tests.models_for_tests import gaussian_data, gaussian_label, gaussian_mixture
 
 
@@ -17,7 +17,8 @@ def x():
 
 
 def _marginal_logp(model, point):
-    fn = model.compile_logp(jacobian=False)
+    with numpy_ops():
+        fn = model.compile_logp(jacobian=False)
     ip = model.initial_point()
     full = {**ip, **{k: v for k, v in point.items() if k in ip}}
     return float(fn(full))
@@ -30,13 +31,14 @@ def test_em_optimum_is_find_map(builder, x):
     assert res.converged
     assert_monotone(res.history)
     marginal = pmx.marginalize(model, ["z"]) if "z" in model.named_vars else model
-    map_est = pm.find_MAP(
-        model=marginal,
-        start=res.params,
-        progressbar=False,
-        maxeval=20000,
-        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 20000},
-    )
+    with numpy_ops():
+        map_est = pm.find_MAP(
+            model=marginal,
+            start=res.params,
+            progressbar=False,
+            maxeval=20000,
+            options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 20000},
+        )
     for name, value in res.params.items():
         np.testing.assert_allclose(value, map_est[name], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(res.log_posterior, _marginal_logp(marginal, map_est), rtol=1e-6)

@@ -1,7 +1,10 @@
-"""How compare compiles PyMC's references: find_MAP on NumPy-backed Ops and NUTS on
-numba must give PyMC's own answers, and a model numba cannot compile still samples."""
+"""How compare compiles PyMC's references: on NumPy-backed Ops, find_MAP and NUTS must
+give PyMC's own answers, and NUTS's function must survive the trip to PyMC's chain
+processes."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pymc as pm
@@ -25,18 +28,30 @@ def _poisson_mixture() -> pm.Model:
 
 
 @pytest.mark.slow
-def test_find_map_on_numpy_ops_equals_find_map_in_c():
+def test_numpy_ops_give_find_map_and_nuts_what_c_gives():
     """The same L-BFGS on the same objective: the mode only changes how the logp and its
-    gradient are evaluated, so both stop at the same point."""
+    gradient are evaluated, so find_MAP stops at the same point, and NUTS's function
+    (``pm.sample``'s ``compile_kwargs``) returns the same logp and gradient."""
     model = _poisson_mixture()
     marg = marginal_model(model, ppl_em.fit(model, progressbar=False))
     points = []
-    for modes in reference_modes.MODES:
+    for modes in ("fast", "pymc"):
         with reference_modes.numpy_mode(modes):
             points.append(pm.find_MAP(model=marg, progressbar=False))
-    fast, pymc_default = points
+    numpy_ops, pymc_default = points
     for name in ("w", "lam"):
-        np.testing.assert_allclose(fast[name], pymc_default[name], rtol=1e-7)
+        np.testing.assert_allclose(numpy_ops[name], pymc_default[name], rtol=1e-7)
+    values = []
+    for modes in reference_modes.MODES:
+        kwargs = reference_modes.nuts_compile_kwargs(modes, "pymc")
+        fn = marg.logp_dlogp_function(ravel_inputs=True, **kwargs)
+        fn.set_extra_values({})
+        start = marg.initial_point()
+        point = np.concatenate([np.ravel(start[v.name]) + 0.3 for v in fn._grad_vars])
+        values.append(fn(point))
+    for logp, grad in values[1:]:
+        np.testing.assert_allclose(logp, values[0][0], rtol=1e-12)
+        np.testing.assert_allclose(grad, values[0][1], rtol=1e-10, atol=1e-12)
 
 
 def _linker_of_a_new_function():
@@ -53,37 +68,40 @@ def test_numpy_mode_compiles_without_c_and_restores_the_default():
         assert pytensor.config.mode == default
 
 
-def test_nuts_compiles_with_numba_and_falls_back_where_numba_refuses(monkeypatch):
-    calls = []
-
-    def fake_sample(compile_kwargs, **kwargs):
-        calls.append(compile_kwargs["mode"])
-        if compile_kwargs["mode"] == "NUMBA":
-            raise NotImplementedError("No numba implementation for SomeOp")
-        return "draws"
-
-    monkeypatch.setattr(reference_modes.pm, "sample", fake_sample)
+def test_fast_nuts_samples_chains_in_parallel_processes():
+    """``"fast"`` NUTS's function (NumPy-backed Ops) is pickled to PyMC's chain
+    processes, as ``cores=2`` does by default on two cores, and samples there."""
+    model = _poisson_mixture()
+    marg = marginal_model(model, ppl_em.fit(model, progressbar=False))
     notes = []
-    found = reference_modes.sample_nuts(notes, reference_modes="fast", nuts_sampler="pymc")
-    assert found == "draws"
-    assert calls == ["NUMBA", "FAST_RUN"]
-    assert "numba could not compile" in notes[0] and "NotImplementedError" in notes[0]
+    idata = reference_modes.sample_nuts(
+        notes, reference_modes="fast", nuts_sampler="pymc", model=marg, draws=40, tune=40,
+        chains=2, cores=2, random_seed=3, progressbar=False,
+    )  # fmt: skip
+    lam = idata.posterior["lam"].values
+    assert lam.shape == (2, 40, 2) and np.isfinite(lam).all() and not notes
+    # Both chains moved: each drew more than one distinct value.
+    assert all(np.unique(lam[c, :, 0]).size > 1 for c in range(2))
 
 
-def test_other_sampling_errors_are_not_retried(monkeypatch):
-    def fake_sample(compile_kwargs, **kwargs):
-        raise ValueError("bad initvals")
-
-    monkeypatch.setattr(reference_modes.pm, "sample", fake_sample)
-    with pytest.raises(ValueError, match="bad initvals"):
-        reference_modes.sample_nuts([], reference_modes="fast", nuts_sampler="pymc")
-
-
-def test_pymc_modes_and_nutpie_keep_their_own_compilation():
+def test_each_mode_compiles_nuts_as_documented_and_nutpie_compiles_itself():
+    fast = reference_modes.nuts_compile_kwargs("fast", "pymc")["mode"]
+    assert not fast.linker.c_thunks and "fusion" in fast._optimizer.exclude
+    assert reference_modes.nuts_compile_kwargs("compiled", "pymc") == {"mode": "FAST_RUN"}
     assert reference_modes.nuts_compile_kwargs("pymc", "pymc") == {"mode": "FAST_RUN"}
     assert reference_modes.nuts_compile_kwargs("fast", "nutpie") == {}
+    with reference_modes.numpy_mode("compiled"):
+        assert not _linker_of_a_new_function().c_thunks
 
 
 def test_unknown_reference_modes_is_refused_before_fitting():
     with pytest.raises(ValueError, match=r"reference_modes='gpu' must be one of"):
         ppl_em.compare(_poisson_mixture(), reference_modes="gpu")
+
+
+def test_chains_get_a_process_each_up_to_the_cpus_this_process_may_use():
+    # PyMC's default would give cpu_count() // 2: one process on a 2-vCPU machine.
+    cpus = len(os.sched_getaffinity(0))
+    assert reference_modes.chain_processes(None, 4) == min(4, cpus)
+    assert reference_modes.chain_processes(None, 1) == 1
+    assert reference_modes.chain_processes(3, 2) == 3  # the caller's cores are kept

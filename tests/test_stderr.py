@@ -47,9 +47,7 @@ def reference_se(f, x):
     return np.sqrt(np.diag(cov))
 
 
-# The exact PyTensor Hessian of a label model takes minutes to compile on a loaded
-# machine, so that combination runs with the slow tests.
-METHODS = ["louis", "gradient", pytest.param("exact", marks=pytest.mark.slow)]
+METHODS = ["louis", "gradient", "exact"]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import ppl_em
 from ppl_em.em import apply_start, default_start, em_init, em_step, run_em
 from ppl_em.inference.crosscheck import marginal_model
 from ppl_em.steps import make_mstep_config
+from tests.conftest import numpy_ops
 from tests.models_for_tests import coin_label, gaussian_data
 
 X = gaussian_data(600, seed=0)
@@ -303,11 +304,13 @@ def _tight_find_map(model, em):
     """find_MAP on the marginalised model from EM's estimate, to L-BFGS-B's limits:
     the point and its log posterior (no Jacobian, as EM's)."""
     marg = marginal_model(model, em)
-    point = pm.find_MAP(
-        start=dict(em.params), model=marg, progressbar=False, maxeval=50_000,
-        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 50_000},
-    )  # fmt: skip
-    logp = marg.compile_logp(jacobian=False)({v.name: point[v.name] for v in marg.value_vars})
+    with numpy_ops():
+        point = pm.find_MAP(
+            start=dict(em.params), model=marg, progressbar=False, maxeval=50_000,
+            options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 50_000},
+        )  # fmt: skip
+        logp_fn = marg.compile_logp(jacobian=False)
+    logp = logp_fn({v.name: point[v.name] for v in marg.value_vars})
     return {name: np.asarray(point[name]) for name in em.params}, float(logp)
 
 

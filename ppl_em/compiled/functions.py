@@ -26,6 +26,7 @@ from pytensor.tensor import TensorVariable
 from threadpoolctl import ThreadpoolController
 
 from ppl_em.compiled.layout import FlatLayout, flat_layout, flat_replacements, transform_graphs
+from ppl_em.compiled.numpy_ops import numpy_mode
 from ppl_em.compiled.rewrites import checks_as_flags, solves_as_products
 from ppl_em.model.data import DataSpec, data_arrays, data_spec
 from ppl_em.model.graph import MixtureGraph
@@ -94,14 +95,14 @@ SMALL_CELLS = 200_000
 
 def backend_mode(backend: str) -> Mode:
     """PyTensor mode of a backend: ``"c"`` PyTensor's C code (slow first compile, cached),
-    ``"numba"`` numba JIT, ``"python"`` each Op's NumPy implementation with the full
-    graph rewrites except fusion (a fused Composite would run as a Python scalar loop)."""
+    ``"numba"`` numba JIT, ``"python"`` each Op's NumPy implementation
+    (:func:`ppl_em.compiled.numpy_ops.numpy_mode`)."""
     if backend == "c":
         return get_mode("FAST_RUN")
     if backend == "numba":
         return get_mode("NUMBA")
     if backend == "python":
-        return Mode(VMLinker(use_cloop=False, c_thunks=False), "fast_run").excluding("fusion")
+        return numpy_mode()
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
 
 

@@ -32,7 +32,7 @@ import pytensor.tensor as pt
 from pytensor.graph.replace import graph_replace
 
 from ppl_em.compiled.functions import EMFunctions, LazyFunction, backend_mode
-from ppl_em.model.recognise import Block
+from ppl_em.model.blocks import Block
 from ppl_em.model.slots import DataRef
 
 LOG_2PI = float(np.log(2 * np.pi))

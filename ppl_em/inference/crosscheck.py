@@ -24,7 +24,12 @@ from pymc_extras import marginalize, recover_marginals
 from ppl_em.compiled.layout import element_names
 from ppl_em.errors import NotIdentifiedError
 from ppl_em.fit import fit
-from ppl_em.inference.reference_modes import check_modes, numpy_mode, sample_nuts
+from ppl_em.inference.reference_modes import (
+    chain_processes,
+    check_modes,
+    numpy_mode,
+    sample_nuts,
+)
 from ppl_em.inference.relabel import (
     component_params,
     match,
@@ -337,12 +342,14 @@ def compare(
     ``em_kwargs`` go to :func:`ppl_em.fit` (``mode`` must stay ``"map"``; parameters it
     holds ``fixed`` are constants for find_MAP and NUTS too; ``weights`` and ``labels``
     are refused, as PyMC's references would fit another objective); ``draws``,
-    ``tune``, ``chains``, ``cores`` and ``nuts_sampler`` ("pymc" or "nutpie", which falls
-    back to PyMC when not installed) go to ``pm.sample`` on the marginalised model.
+    ``tune``, ``chains``, ``cores`` (default: one process per chain, up to the CPUs) and
+    ``nuts_sampler`` ("pymc" or "nutpie", which falls back to PyMC when not installed) go
+    to ``pm.sample`` on the marginalised model.
     ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
     ``nuts_init`` is "em" (chains start at the jittered EM estimate) or "default".
-    ``reference_modes`` "fast" compiles find_MAP on NumPy-backed Ops and NUTS with numba
-    (:mod:`ppl_em.inference.reference_modes`); "pymc" keeps PyMC's default (C) for both.
+    ``reference_modes`` "fast" runs find_MAP and NUTS on NumPy-backed Ops (nothing to
+    compile), "compiled" compiles NUTS in C, "pymc" keeps PyMC's default (C) for both
+    (:mod:`ppl_em.inference.reference_modes`).
     """
     _refuse_missing(model)
     check_modes(reference_modes)
@@ -357,13 +364,14 @@ def compare(
     t0 = time.perf_counter()
     # find_MAP and NUTS see the parameters EM held fixed as constants too (pm.do).
     marg = marginal_model(fix_parameters(model, em.fixed) if em.fixed else model, em)
-    # Everything but NUTS's own function compiles on NumPy-backed Ops in "fast".
+    # find_MAP and the label posteriors compile on NumPy-backed Ops unless "pymc".
     with numpy_mode(reference_modes):
         map_em, logp_em, map_def, logp_def, note = _find_maps(marg, em, notes)
         timings["find_map"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        sample_kwargs = dict(draws=draws, tune=tune, chains=chains, cores=cores,
+        sample_kwargs = dict(draws=draws, tune=tune, chains=chains,
+                             cores=chain_processes(cores, chains),
                              random_seed=random_seed, progressbar=progressbar,
                              nuts_sampler=nuts_sampler,
                              reference_modes=reference_modes)  # fmt: skip

@@ -1,34 +1,35 @@
-"""How PyMC's references are compiled: find_MAP on NumPy-backed Ops, NUTS on numba.
+"""How PyMC's references are compiled: NumPy-backed Ops, C, or PyMC's defaults.
 
 ``find_MAP`` and NUTS stay PyMC's own; only the PyTensor mode their functions are
 compiled in is chosen here. Measured on the seed models (``benchmarks/README.md``,
-``bench_workflow.py``):
+``bench_workflow.py``; NumPy-backed Ops means no C and no fusion, so that every
+elementwise op stays one NumPy ufunc call):
 
-* find_MAP takes a few hundred gradients, which NumPy-backed Ops (no C, no fusion, so
-  that every elementwise op stays one NumPy ufunc call) evaluate in less time than C
-  takes to compile them: 1.9-3.8 s cold against 21-29 s, and slightly faster warm;
-* NUTS takes thousands of gradients, so its function is compiled, by numba: 2.2-2.7 s
-  warm against 2.3-3.4 s for C, but 20-38 s cold against 7.5-12 s.
+* find_MAP takes a few hundred gradients, which NumPy-backed Ops evaluate in less time
+  than C takes to compile them (about 60 C modules, 0.4 s each, on a cold cache);
+* NUTS takes tens of thousands of gradients on these small models. On NumPy-backed Ops
+  each costs about ten times what it does in C, but nothing is compiled, and each chain
+  runs in its own process (PyMC's ``cores``), so a cold ``compare`` takes about half as
+  long as with C; once C's modules are cached, C samples two to three times faster.
 
-So a cold ``compare`` costs about what it did with C everywhere, and a warm one a
-little less.
-
-Numba does not implement every PyTensor Op; a model that uses one samples with PyMC's
-default mode instead, and the comparison's notes say so.
+``"fast"`` (the default) is NumPy-backed Ops for both: the quickest first run.
+``"compiled"`` compiles NUTS in C: the quickest once C's modules are cached (every
+later run of a model, or of another with the same Ops) and for large models, where each
+gradient's arithmetic, not its Python overhead, dominates. ``"pymc"`` is PyMC's default
+(C) for both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import pymc as pm
 import pytensor
 
 from ppl_em.compiled.functions import backend_mode
-
-NUMBA = "NUMBA"
-MODES = ("fast", "pymc")
+from ppl_em.options import REFERENCE_MODES as MODES
 
 
 def check_modes(reference_modes: str) -> None:
@@ -37,45 +38,35 @@ def check_modes(reference_modes: str) -> None:
 
 
 def numpy_mode(reference_modes: str):
-    """A context in which PyTensor compiles on NumPy-backed Ops (``"fast"``), or PyMC's
-    default (``"pymc"``): find_MAP's functions and the per-draw label posteriors."""
-    if reference_modes == "fast":
+    """A context in which PyTensor compiles on NumPy-backed Ops (``"fast"`` and
+    ``"compiled"``), or PyMC's default (``"pymc"``): find_MAP's functions and the
+    per-draw label posteriors."""
+    if reference_modes != "pymc":
         return pytensor.config.change_flags(mode=backend_mode("python"))
     return contextlib.nullcontext()
 
 
 def nuts_compile_kwargs(reference_modes: str, nuts_sampler: str) -> dict:
-    """``pm.sample``'s ``compile_kwargs``: numba for PyMC's NUTS in ``"fast"``; PyMC's
-    default (C) otherwise. Other samplers (nutpie) compile themselves."""
-    if reference_modes == "fast" and nuts_sampler == "pymc":
-        return {"mode": NUMBA}
-    return {"mode": "FAST_RUN"} if nuts_sampler == "pymc" else {}
+    """``pm.sample``'s ``compile_kwargs`` for PyMC's NUTS: NumPy-backed Ops in
+    ``"fast"``, C otherwise. Other samplers (nutpie) compile themselves."""
+    if nuts_sampler != "pymc":
+        return {}
+    if reference_modes == "fast":
+        return {"mode": backend_mode("python")}
+    return {"mode": "FAST_RUN"}
 
 
-def _numba_unsupported(err: Exception) -> bool:
-    """Whether ``err`` is numba refusing an Op (not a fault of the model or data)."""
-    if isinstance(err, NotImplementedError):
-        return True
+def chain_processes(cores: int | None, chains: int) -> int:
+    """``cores`` if given, else one process per chain up to the CPUs this process may
+    use. PyMC's own default counts half the CPUs (it takes the rest for hyperthreads),
+    so on a 2-vCPU machine it ran two chains one after the other."""
+    if cores is not None:
+        return cores
     try:
-        from numba.core.errors import NumbaError
-    except ImportError:
-        return False
-    return isinstance(err, NumbaError)
-
-
-def _pm_sample(notes: list, compile_kwargs: dict, **sample_kwargs):
-    """``pm.sample(compile_kwargs=compile_kwargs, **sample_kwargs)``; where numba cannot
-    compile the model, again in PyMC's default (C) mode, said in ``notes``."""
-    try:
-        return pm.sample(compile_kwargs=compile_kwargs, **sample_kwargs)
-    except Exception as err:  # only numba's refusals are retried; the rest propagate
-        if compile_kwargs.get("mode") != NUMBA or not _numba_unsupported(err):
-            raise
-        notes.append(
-            f"numba could not compile the model for NUTS ({type(err).__name__}); "
-            "sampled with PyMC's default (C) mode"
-        )
-        return pm.sample(compile_kwargs={"mode": "FAST_RUN"}, **sample_kwargs)
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(chains, cpus))
 
 
 def sample_nuts(notes: list, *, reference_modes: str, nuts_sampler: str, **sample_kwargs):
@@ -91,5 +82,5 @@ def sample_nuts(notes: list, *, reference_modes: str, nuts_sampler: str, **sampl
     compile_kwargs = nuts_compile_kwargs(reference_modes, nuts_sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _pm_sample(notes, compile_kwargs, nuts_sampler=nuts_sampler,
-                          compute_convergence_checks=False, **sample_kwargs)  # fmt: skip
+        return pm.sample(compile_kwargs=compile_kwargs, nuts_sampler=nuts_sampler,
+                         compute_convergence_checks=False, **sample_kwargs)  # fmt: skip

@@ -7,19 +7,23 @@ coefficient (``b[z]`` with ``b`` of shape (K,)), alone (an intercept) or times a
 per-observation covariate ``c`` (a constant or ``pm.Data`` array with the observation
 axis first). Its M-step is weighted least squares per component, read off the
 weighted sums ``sum_i gamma_ik c_ji c_li``, ``sum_i gamma_ik c_ji y_i`` and
-``sum_i gamma_ik y_i^2``.
+``sum_i gamma_ik y_i^2``. A GLM component's M-step is Newton's method with Q's exact
+Hessian (IRLS, :mod:`ppl_em.steps.glm`).
 """
 
 from __future__ import annotations
 
+from pytensor.graph.traversal import ancestors
 from pytensor.scalar import Add, Exp, Mul
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor import TensorVariable
 from pytensor.tensor.elemwise import Elemwise
 
+from ppl_em.model.blocks import Block, family_const, family_slot
 from ppl_em.model.data import DataSpec
-from ppl_em.model.graph import MixtureGraph
-from ppl_em.model.slots import DataRef, param_slot, strip
+from ppl_em.model.graph import MixtureGraph, direct_users
+from ppl_em.model.priors import prior_of
+from ppl_em.model.slots import DataRef, Slot, param_slot, strip
 
 
 def _operands(expr: TensorVariable, scalar_op: type) -> list[TensorVariable] | None:
@@ -75,3 +79,69 @@ def glm_predictor(expr: TensorVariable, family: str) -> TensorVariable | None:
     link = INVERSE_LINKS.get(family)
     inner = _operands(strip(expr), link) if link else None
     return inner[0] if inner and len(inner) == 1 else None
+
+
+def linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | str | None:
+    """A Normal whose mean is a linear predictor (:func:`linear_terms`): slots
+    ``b0, b1, ...`` (coefficients), ``sigma``; known ``x<j>`` covariates (DataRef)."""
+    mu, sigma = dist.owner.op.dist_params(dist.owner)
+    terms = linear_terms(mu, graph, data)
+    if terms is None:
+        return None
+    slots, consts = _coefficients(terms)
+    found = param_slot(sigma, graph, None, data)
+    made = family_slot([found], "sigma", "normal") if isinstance(found, tuple) else (
+        family_const([found], "sigma", graph, True) if found is not None else None)  # fmt: skip
+    if made is None or isinstance(made, DataRef):
+        return "its scale is not a per-component parameter or constant"
+    if isinstance(made, str):
+        return made
+    (slots if isinstance(made, Slot) else consts)["sigma"] = made
+    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    return Block("normal_linear", dist.name, slots, consts, priors)
+
+
+def _coefficients(terms: list) -> tuple[dict, dict]:
+    """A linear predictor's slots ``b0, b1, ...`` and known covariates ``x<j>``."""
+    slots, consts = {}, {}
+    for j, ((refs, _, axes), covariate) in enumerate(terms):
+        slots[f"b{j}"] = Slot(refs=refs, inverse=False, axes=axes)
+        if covariate is not None:
+            consts[f"x{j}"] = covariate
+    return slots, consts
+
+
+def glm_block(graph: MixtureGraph, dist, data: DataSpec | None, family: str) -> Block | None:
+    """A Poisson or Bernoulli regression: its mean is the inverse canonical link of a
+    linear predictor (:func:`glm_predictor`)."""
+    (param,) = dist.owner.op.dist_params(dist.owner)
+    eta = glm_predictor(param, family)
+    terms = None if eta is None else linear_terms(eta, graph, data)
+    if terms is None:
+        return None
+    slots, consts = _coefficients(terms)
+    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    return Block(f"{family}_glm", dist.name, slots, consts, priors)
+
+
+GLM = (
+    "its mean is the inverse link of a linear predictor, which has no closed form; "
+    "Newton's method with the exact Hessian of Q (IRLS) maximises it over the data"
+)
+
+
+def glm_ok(graph: MixtureGraph, block: Block, owners: set, mode: str) -> bool:
+    """Coefficients that are untransformed, enter nothing but this family, and have
+    Normal or flat priors with constant parameters (or no prior: ``mode="mle"``)."""
+    params = set(graph.params)
+    for name, slot in block.slots.items():
+        rvs = {r for r, _ in slot.refs}
+        if any(graph.model.rvs_to_transforms.get(r) is not None for r in rvs):
+            return False
+        if any(direct_users(graph, r) - owners or params & set(ancestors(r.owner.inputs))
+               for r in rvs):  # fmt: skip
+            return False
+        prior = block.priors[name]
+        if mode == "map" and (prior is None or prior[0] not in ("normal", "flat")):
+            return False
+    return True

@@ -19,12 +19,13 @@ from pytensor.tensor import TensorVariable
 from pytensor.tensor import random as ptr
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
+from ppl_em.model.blocks import Block, family_const, family_slot
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.linear import INVERSE_LINKS, glm_predictor, linear_terms
+from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
 from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
-from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, shape_of, strip
+from ppl_em.model.slots import DataRef, Slot, param_slot, shape_of, strip
 from ppl_em.model.slots import all_elements as _all
 
 FAMILIES = {
@@ -34,22 +35,6 @@ FAMILIES = {
     ptr.basic.ExponentialRV: ("exponential", ("scale",)),
     ptr.basic.NormalRV: ("normal", ("mu", "sigma")),
 }
-# Which parameter of each family EM estimates; the others must be constants.
-FREE_OK = {"binomial": {"p"}, "bernoulli": {"p"}, "poisson": {"mu"},
-           "exponential": {"scale"}, "normal": {"mu", "sigma"}}  # fmt: skip
-
-
-class Block(NamedTuple):
-    """One closed-form family: its slots (free parameters), its known parameters
-    (``consts``: a (K,) array per component, or a :class:`DataRef`), the priors of its
-    slots, and ``items``, the number of values one observation has."""
-
-    family: str
-    data_name: str | None
-    slots: dict[str, Slot]
-    consts: dict[str, np.ndarray]
-    priors: dict[str, tuple]
-    items: int = 1
 
 
 class ClosedFormPlan(NamedTuple):
@@ -84,28 +69,6 @@ def _item_shape(graph: MixtureGraph, dists: list) -> tuple[int, ...]:
     return tuple(int(d) for d in dists[0].type.shape[1:] if d is not None)
 
 
-def _slot(found: list, name: str, family: str) -> Slot | str:
-    """One family parameter's slot from its per-component findings."""
-    if name not in FREE_OK[family]:
-        return f"{family} parameter {name!r} is free; only {sorted(FREE_OK[family])} may be"
-    if len({f[1] for f in found}) != 1:
-        return f"its parameter {name!r} mixes theta and 1/theta across components"
-    refs = tuple(r for f in found for r in f[0])
-    if len(found) > 1 and len(set(refs)) == 1:
-        return Slot(refs=refs[:1], inverse=found[0][1], axes=())  # one scalar in every component
-    return Slot(refs=refs, inverse=found[0][1], axes=found[0][2])
-
-
-def _const(found: list, name: str, graph: MixtureGraph, batched: bool):
-    """A known parameter, or the reason it cannot be one."""
-    if any(isinstance(f, DataRef) for f in found):
-        if not batched:
-            return f"its parameter {name!r} is per-observation data in list components"
-        return found[0]
-    value = normalise(found[0] if batched else np.stack(found, axis=-1), graph)
-    return f"its known parameter {name!r} varies along an item axis" if value is None else value
-
-
 def _family_block(
     graph: MixtureGraph, dists: list, data_name: str, data: DataSpec | None = None
 ) -> Block | str:
@@ -119,11 +82,11 @@ def _family_block(
     slots, consts, batched = {}, {}, len(dists) == 1
     items = _item_shape(graph, dists)
     if family == "normal" and batched and not items:
-        linear = _linear_block(graph, dists[0], data)
+        linear = linear_block(graph, dists[0], data)
         if linear is not None:
             return linear
     if family in INVERSE_LINKS and batched and not items:
-        glm = _glm_block(graph, dists[0], data, family)
+        glm = glm_block(graph, dists[0], data, family)
         if glm is not None:
             return glm
     for pos, name in enumerate(names):
@@ -133,7 +96,10 @@ def _family_block(
         is_slot = [isinstance(f, tuple) for f in found]
         if any(f is None for f in found) or (any(is_slot) and not all(is_slot)):
             return f"its parameter {name!r} is not a plain element of a free variable"
-        made = _slot(found, name, family) if is_slot[0] else _const(found, name, graph, batched)
+        if is_slot[0]:
+            made = family_slot(found, name, family)
+        else:
+            made = family_const(found, name, graph, batched)
         if isinstance(made, str):
             return made
         (slots if is_slot[0] else consts)[name] = made
@@ -163,49 +129,6 @@ def _categorical_block(graph: MixtureGraph, dist) -> Block | str:
     prior = prior_of(base, "map")
     return Block("categorical", dist.name, {"p": slot}, consts, {"p": prior},
                  int(np.prod(items)))  # fmt: skip
-
-
-def _linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | str | None:
-    """A Normal whose mean is a linear predictor (:mod:`ppl_em.model.linear`): slots
-    ``b0, b1, ...`` (coefficients), ``sigma``; known ``x<j>`` covariates (DataRef)."""
-    mu, sigma = dist.owner.op.dist_params(dist.owner)
-    terms = linear_terms(mu, graph, data)
-    if terms is None:
-        return None
-    slots, consts = _coefficients(terms)
-    found = param_slot(sigma, graph, None, data)
-    made = _slot([found], "sigma", "normal") if isinstance(found, tuple) else (
-        _const([found], "sigma", graph, True) if found is not None else None)  # fmt: skip
-    if made is None or isinstance(made, DataRef):
-        return "its scale is not a per-component parameter or constant"
-    if isinstance(made, str):
-        return made
-    (slots if isinstance(made, Slot) else consts)["sigma"] = made
-    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
-    return Block("normal_linear", dist.name, slots, consts, priors)
-
-
-def _coefficients(terms: list) -> tuple[dict, dict]:
-    """A linear predictor's slots ``b0, b1, ...`` and known covariates ``x<j>``."""
-    slots, consts = {}, {}
-    for j, ((refs, _, axes), covariate) in enumerate(terms):
-        slots[f"b{j}"] = Slot(refs=refs, inverse=False, axes=axes)
-        if covariate is not None:
-            consts[f"x{j}"] = covariate
-    return slots, consts
-
-
-def _glm_block(graph: MixtureGraph, dist, data: DataSpec | None, family: str) -> Block | None:
-    """A Poisson or Bernoulli regression: its mean is the inverse canonical link of a
-    linear predictor (:func:`ppl_em.model.linear.glm_predictor`)."""
-    (param,) = dist.owner.op.dist_params(dist.owner)
-    eta = glm_predictor(param, family)
-    terms = None if eta is None else linear_terms(eta, graph, data)
-    if terms is None:
-        return None
-    slots, consts = _coefficients(terms)
-    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
-    return Block(f"{family}_glm", dist.name, slots, consts, priors)
 
 
 def _consistent(family: str, slots: dict, consts: dict) -> str | None:
@@ -302,29 +225,6 @@ def _weights_graph_ok(graph: MixtureGraph, block: Block, owners: set) -> bool:
     return not any(params & set(ancestors(rv.owner.inputs)) for rv in rvs)
 
 
-GLM = (
-    "its mean is the inverse link of a linear predictor, which has no closed form; "
-    "Newton's method with the exact Hessian of Q (IRLS) maximises it over the data"
-)
-
-
-def _glm_ok(graph: MixtureGraph, block: Block, owners: set, mode: str) -> bool:
-    """Coefficients that are untransformed, enter nothing but this family, and have
-    Normal or flat priors with constant parameters (or no prior: ``mode="mle"``)."""
-    params = set(graph.params)
-    for name, slot in block.slots.items():
-        rvs = {r for r, _ in slot.refs}
-        if any(graph.model.rvs_to_transforms.get(r) is not None for r in rvs):
-            return False
-        if any(direct_users(graph, r) - owners or params & set(ancestors(r.owner.inputs))
-               for r in rvs):  # fmt: skip
-            return False
-        prior = block.priors[name]
-        if mode == "map" and (prior is None or prior[0] not in ("normal", "flat")):
-            return False
-    return True
-
-
 def _check_block(graph: MixtureGraph, block: Block, owners: set, mode: str) -> str | None:
     for name, slot in block.slots.items():
         rvs = {r for r, _ in slot.refs}
@@ -366,7 +266,7 @@ def build_plan(graph: MixtureGraph, mode: str, data: DataSpec | None = None) -> 
             if _weights_graph_ok(graph, block, owners):
                 statistics.append(block)
         elif isinstance(block, Block) and block.family.endswith("_glm"):
-            if _glm_ok(graph, block, owners, mode):
+            if glm_ok(graph, block, owners, mode):
                 glm.append(block)
             reasons.update({r.name: GLM for s in block.slots.values() for r, _ in s.refs})
         elif isinstance(block, Block):

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ppl_em.model.recognise import Block, ClosedFormPlan
+from ppl_em.model.blocks import Block
+from ppl_em.model.recognise import ClosedFormPlan
 from ppl_em.model.slots import Slot
 from ppl_em.steps.columns import CANCELLATION_LIMIT, StatsRequest, coefficients, covariate
 from ppl_em.steps.stats import TINY, DataChunk, Stats

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ppl_em.model.recognise import Block, ClosedFormPlan
+from ppl_em.model.blocks import Block
+from ppl_em.model.recognise import ClosedFormPlan
 from ppl_em.model.slots import DataRef
 
 CANCELLATION_LIMIT = 1e4

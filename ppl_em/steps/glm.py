@@ -22,7 +22,7 @@ import numpy as np
 from scipy.special import expit
 
 from ppl_em.compiled.functions import EMFunctions
-from ppl_em.model.recognise import Block
+from ppl_em.model.blocks import Block
 
 
 class GlmSpec(NamedTuple):

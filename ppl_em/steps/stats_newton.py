@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ppl_em.compiled.stats_q import StatsQ
-from ppl_em.model.recognise import Block
+from ppl_em.model.blocks import Block
 from ppl_em.steps.closed_form import (
     CANCELLATION_RSS,
     least_squares,

@@ -1,0 +1,71 @@
+"""The NumPy-backed PyTensor mode (ppl_em.compiled.numpy_ops): variadic elementwise
+nodes are split into two-input ones, which NumPy's ufuncs evaluate in one call each,
+and the values are those NumPy gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+from pytensor.scalar import Add, Mul
+from pytensor.tensor.elemwise import Elemwise
+
+import ppl_em
+from models import MODELS
+from ppl_em.compiled.numpy_ops import numpy_mode
+from ppl_em.inference.crosscheck import marginal_model
+
+
+def _variadic(fn) -> list:
+    """Add and Mul nodes with more than two inputs in a compiled function's graph."""
+    return [
+        node
+        for node in fn.maker.fgraph.apply_nodes
+        if isinstance(node.op, Elemwise)
+        and isinstance(node.op.scalar_op, Add | Mul)
+        and len(node.inputs) > 2
+    ]
+
+
+def test_products_and_sums_of_many_terms_are_split_and_keep_numpys_values():
+    a, b, c, d = (pt.vector(n, dtype="float64") for n in "abcd")
+    out = [a * b * c * d, a + b + c + d, pt.exp(a) * (b + c + d) * (a - d)]
+    fn = pytensor.function([a, b, c, d], out, mode=numpy_mode())
+    assert not _variadic(fn)
+    rng = np.random.default_rng(0)
+    va, vb, vc, vd = rng.normal(size=(4, 50))
+    got = fn(va, vb, vc, vd)
+    np.testing.assert_allclose(got[0], va * vb * vc * vd, rtol=1e-15)
+    np.testing.assert_allclose(got[1], va + vb + vc + vd, rtol=1e-14)
+    np.testing.assert_allclose(got[2], np.exp(va) * (vb + vc + vd) * (va - vd), rtol=1e-14)
+
+
+def test_other_dtypes_are_cast_to_the_output_first_so_no_partial_result_narrows():
+    # int8 * int8 would overflow (to 16 and 64) were the chain to multiply them first.
+    i, j = pt.vector("i", dtype="int8"), pt.vector("j", dtype="int8")
+    x, mask = pt.vector("x", dtype="float64"), pt.vector("m", dtype="bool")
+    fn = pytensor.function([i, j, x, mask], [i * j * x, -1.0 * mask * x], mode=numpy_mode())
+    assert not _variadic(fn)
+    big = np.array([100, 120], dtype="int8")
+    prod, masked = fn(big, big, np.ones(2), np.array([True, False]))
+    np.testing.assert_array_equal(prod, [10000.0, 14400.0])
+    np.testing.assert_array_equal(masked, [-1.0, -0.0])
+
+
+def test_a_mixture_gradient_has_no_variadic_node_and_equals_c():
+    """The marginal Gaussian mixture's logp and gradient (NUTS's function): every
+    product and sum has at most two inputs on NumPy-backed Ops, and the values equal
+    PyTensor's C to rounding."""
+    model = MODELS["gaussian_1d"].build_model()
+    marg = marginal_model(model, ppl_em.fit(model, progressbar=False))
+    values = []
+    for mode in (numpy_mode(), "FAST_RUN"):
+        fn = marg.logp_dlogp_function(ravel_inputs=True, mode=mode)
+        fn.set_extra_values({})
+        if mode != "FAST_RUN":
+            assert not _variadic(fn._pytensor_function)
+        start = marg.initial_point()
+        x = np.concatenate([np.ravel(start[v.name]) + 0.2 for v in fn._grad_vars])
+        values.append(fn(x))
+    np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-12)
+    np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10, atol=1e-10)
