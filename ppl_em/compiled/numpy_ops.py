@@ -56,7 +56,10 @@ def binary_elemwise(fgraph, node):
     return [acc]
 
 
-optdb.register(NAME, in2out(binary_elemwise, name=NAME), TAG, position=POSITION)
+# PyTensor's rewrite database is process-wide and refuses a name twice (a reload of
+# this module); the tag keeps the rewrite out of every mode but numpy_mode's.
+if NAME not in optdb:
+    optdb.register(NAME, in2out(binary_elemwise, name=NAME), TAG, position=POSITION)
 
 
 def numpy_mode() -> Mode:
