@@ -325,9 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-modes",
         choices=REFERENCE_MODES,
         default="fast",
-        help="how find_MAP and NUTS compile: 'fast' (NumPy-backed Ops, nothing to compile: "
-        "quickest on a first run), 'compiled' (NUTS in C: quickest once C's cache holds the "
-        "model), 'pymc' (PyMC's defaults); default: fast",
+        help="how find_MAP and NUTS compile: 'fast' (NumPy-backed Ops, nothing to compile, "
+        "NUTS on numba for a model with linear algebra: quickest on a first run), "
+        "'compiled' (NUTS in C: quickest once C's cache holds the model), 'pymc' (PyMC's "
+        "defaults); default: fast",
     )
     p_cmp.add_argument(
         "--force", action="store_true", help="replace an existing report directory at --out"

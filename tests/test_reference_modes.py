@@ -90,6 +90,7 @@ def test_each_mode_compiles_nuts_as_documented_and_nutpie_compiles_itself():
     assert reference_modes.nuts_compile_kwargs("compiled", "pymc") == {"mode": "FAST_RUN"}
     assert reference_modes.nuts_compile_kwargs("pymc", "pymc") == {"mode": "FAST_RUN"}
     assert reference_modes.nuts_compile_kwargs("fast", "nutpie") == {}
+    assert reference_modes.nuts_compile_kwargs("fast", "pymc", linalg=True) == {"mode": "NUMBA"}
     with reference_modes.numpy_mode("compiled"):
         assert not _linker_of_a_new_function().c_thunks
 
@@ -105,3 +106,54 @@ def test_chains_get_a_process_each_up_to_the_cpus_this_process_may_use():
     assert reference_modes.chain_processes(None, 4) == min(4, cpus)
     assert reference_modes.chain_processes(None, 1) == 1
     assert reference_modes.chain_processes(3, 2) == 3  # the caller's cores are kept
+
+
+def _mvnormal_model() -> pm.Model:
+    x = np.random.default_rng(2).normal(size=(40, 2))
+    with pm.Model() as model:
+        chol, _, _ = pm.LKJCholeskyCov("c", n=2, eta=2.0, sd_dist=pm.Exponential.dist(1.0))
+        pm.MvNormal("x", mu=np.zeros(2), chol=chol, observed=x)
+    return model
+
+
+def test_linear_algebra_is_found_in_the_logp():
+    assert reference_modes.has_linalg(_mvnormal_model())  # Cholesky, triangular solve
+    assert not reference_modes.has_linalg(_poisson_mixture())
+
+
+def test_fast_nuts_takes_numba_for_linear_algebra_and_falls_back_where_numba_refuses(
+    monkeypatch,
+):
+    calls = []
+
+    def fake_sample(compile_kwargs, **kwargs):
+        calls.append(compile_kwargs["mode"])
+        if compile_kwargs["mode"] == "NUMBA":
+            raise NotImplementedError("No numba implementation for SomeOp")
+        return "draws"
+
+    monkeypatch.setattr(reference_modes.pm, "sample", fake_sample)
+    notes = []
+    model = _mvnormal_model()
+    found = reference_modes.sample_nuts(
+        notes, reference_modes="fast", nuts_sampler="pymc", model=model
+    )
+    assert found == "draws" and calls[0] == "NUMBA"
+    assert not calls[1].linker.c_thunks  # the retry: NumPy-backed Ops, not C
+    assert "numba could not compile" in notes[0] and "NotImplementedError" in notes[0]
+    # A model without linear algebra goes straight to NumPy-backed Ops.
+    calls.clear()
+    reference_modes.sample_nuts([], reference_modes="fast", nuts_sampler="pymc",
+                                model=_poisson_mixture())  # fmt: skip
+    assert len(calls) == 1 and not calls[0].linker.c_thunks
+
+
+def test_other_sampling_errors_are_not_retried(monkeypatch):
+    def fake_sample(compile_kwargs, **kwargs):
+        raise ValueError("bad initvals")
+
+    monkeypatch.setattr(reference_modes.pm, "sample", fake_sample)
+    with pytest.raises(ValueError, match="bad initvals"):
+        reference_modes.sample_nuts(
+            [], reference_modes="fast", nuts_sampler="pymc", model=_mvnormal_model()
+        )

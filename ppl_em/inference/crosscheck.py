@@ -348,7 +348,8 @@ def compare(
     ``se_method`` ("louis", "gradient" or "exact") goes to :func:`ppl_em.stderr.standard_errors`;
     ``nuts_init`` is "em" (chains start at the jittered EM estimate) or "default".
     ``reference_modes`` "fast" runs find_MAP and NUTS on NumPy-backed Ops (nothing to
-    compile), "compiled" compiles NUTS in C, "pymc" keeps PyMC's default (C) for both
+    compile; NUTS on numba where the logp has linear algebra), "compiled" compiles
+    NUTS in C, "pymc" keeps PyMC's default (C) for both
     (:mod:`ppl_em.inference.reference_modes`).
     """
     _refuse_missing(model)

@@ -12,7 +12,11 @@ elementwise op stays one NumPy ufunc call):
   runs in its own process (PyMC's ``cores``), so a cold ``compare`` takes about half as
   long as with C; once C's modules are cached, C samples two to three times faster.
 
-``"fast"`` (the default) is NumPy-backed Ops for both: the quickest first run.
+``"fast"`` (the default) is NumPy-backed Ops for both: the quickest first run. Where
+the model's logp factorises or solves matrices (an MvNormal's Cholesky factor and
+triangular solves), C has no implementation of those batched Ops either and runs them
+in Python, one matrix at a time, so ``"fast"`` compiles NUTS with numba, which does;
+where numba refuses an Op, NUTS runs on NumPy-backed Ops and the notes say so.
 ``"compiled"`` compiles NUTS in C: the quickest once C's modules are cached (every
 later run of a model, or of another with the same Ops) and for large models, where each
 gradient's arithmetic, not its Python overhead, dominates. ``"pymc"`` is PyMC's default
@@ -27,9 +31,13 @@ import warnings
 
 import pymc as pm
 import pytensor
+from pytensor.graph.traversal import ancestors
 
 from ppl_em.compiled.functions import backend_mode
 from ppl_em.options import REFERENCE_MODES as MODES
+
+NUMBA = "NUMBA"
+LINALG = ("pytensor.tensor.slinalg", "pytensor.tensor.nlinalg")
 
 
 def check_modes(reference_modes: str) -> None:
@@ -46,14 +54,52 @@ def numpy_mode(reference_modes: str):
     return contextlib.nullcontext()
 
 
-def nuts_compile_kwargs(reference_modes: str, nuts_sampler: str) -> dict:
-    """``pm.sample``'s ``compile_kwargs`` for PyMC's NUTS: NumPy-backed Ops in
-    ``"fast"``, C otherwise. Other samplers (nutpie) compile themselves."""
+def has_linalg(model: pm.Model) -> bool:
+    """Whether ``model``'s logp factorises or solves matrices (a linear-algebra Op,
+    batched or not)."""
+    for var in ancestors([model.logp()]):
+        op = var.owner.op if var.owner else None
+        core = getattr(op, "core_op", op)
+        if type(core).__module__.startswith(LINALG):
+            return True
+    return False
+
+
+def nuts_compile_kwargs(reference_modes: str, nuts_sampler: str, linalg: bool = False) -> dict:
+    """``pm.sample``'s ``compile_kwargs`` for PyMC's NUTS: in ``"fast"``, NumPy-backed
+    Ops, or numba for a model with linear algebra (``linalg``); C otherwise. Other
+    samplers (nutpie) compile themselves."""
     if nuts_sampler != "pymc":
         return {}
     if reference_modes == "fast":
-        return {"mode": backend_mode("python")}
+        return {"mode": NUMBA if linalg else backend_mode("python")}
     return {"mode": "FAST_RUN"}
+
+
+def _numba_unsupported(err: Exception) -> bool:
+    """Whether ``err`` is numba refusing an Op (not a fault of the model or data)."""
+    if isinstance(err, NotImplementedError):
+        return True
+    try:
+        from numba.core.errors import NumbaError
+    except ImportError:
+        return False
+    return isinstance(err, NumbaError)
+
+
+def _pm_sample(notes: list, compile_kwargs: dict, **sample_kwargs):
+    """``pm.sample(compile_kwargs=compile_kwargs, **sample_kwargs)``; where numba cannot
+    compile the model, again on NumPy-backed Ops, said in ``notes``."""
+    try:
+        return pm.sample(compile_kwargs=compile_kwargs, **sample_kwargs)
+    except Exception as err:  # only numba's refusals are retried; the rest propagate
+        if compile_kwargs.get("mode") != NUMBA or not _numba_unsupported(err):
+            raise
+        notes.append(
+            f"numba could not compile the model for NUTS ({type(err).__name__}); "
+            "sampled on NumPy-backed Ops"
+        )
+        return pm.sample(compile_kwargs={"mode": backend_mode("python")}, **sample_kwargs)
 
 
 def chain_processes(cores: int | None, chains: int) -> int:
@@ -79,8 +125,9 @@ def sample_nuts(notes: list, *, reference_modes: str, nuts_sampler: str, **sampl
         except ImportError:
             notes.append("nutpie is not installed; sampled with PyMC's NUTS instead")
             nuts_sampler = "pymc"
-    compile_kwargs = nuts_compile_kwargs(reference_modes, nuts_sampler)
+    linalg = reference_modes == "fast" and has_linalg(sample_kwargs["model"])
+    compile_kwargs = nuts_compile_kwargs(reference_modes, nuts_sampler, linalg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pm.sample(compile_kwargs=compile_kwargs, nuts_sampler=nuts_sampler,
-                         compute_convergence_checks=False, **sample_kwargs)  # fmt: skip
+        return _pm_sample(notes, compile_kwargs, nuts_sampler=nuts_sampler,
+                          compute_convergence_checks=False, **sample_kwargs)  # fmt: skip
