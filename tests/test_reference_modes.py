@@ -157,3 +157,17 @@ def test_other_sampling_errors_are_not_retried(monkeypatch):
         reference_modes.sample_nuts(
             [], reference_modes="fast", nuts_sampler="pymc", model=_mvnormal_model()
         )
+
+
+@pytest.mark.slow
+def test_numba_nuts_samples_chains_in_parallel_processes():
+    """``"fast"`` NUTS on an MvNormal compiles with numba; the function is pickled to
+    PyMC's chain processes (two, as ``compare`` starts on two CPUs) and samples there."""
+    notes = []
+    idata = reference_modes.sample_nuts(
+        notes, reference_modes="fast", nuts_sampler="pymc", model=_mvnormal_model(),
+        draws=40, tune=40, chains=2, cores=2, random_seed=1, progressbar=False,
+    )  # fmt: skip
+    sds = idata.posterior["c_stds"].values
+    assert sds.shape == (2, 40, 2) and np.isfinite(sds).all() and not notes
+    assert all(np.unique(sds[c, :, 0]).size > 1 for c in range(2))
