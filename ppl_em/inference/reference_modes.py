@@ -8,9 +8,10 @@ elementwise op stays one NumPy ufunc call):
 * find_MAP takes a few hundred gradients, which NumPy-backed Ops evaluate in less time
   than C takes to compile them (about 60 C modules, 0.4 s each, on a cold cache);
 * NUTS takes tens of thousands of gradients on these small models. On NumPy-backed Ops
-  each costs about ten times what it does in C, but nothing is compiled, and each chain
-  runs in its own process (PyMC's ``cores``), so a cold ``compare`` takes about half as
-  long as with C; once C's modules are cached, C samples two to three times faster.
+  each costs 9-14 times what it does in C on the seed models, but nothing is compiled,
+  and each chain runs in its own process (``chain_processes``), so a cold ``compare``
+  is 2.5-3.8x faster than with C; once C's modules are cached, C samples two to four
+  times faster.
 
 ``"fast"`` (the default) is NumPy-backed Ops for both: the quickest first run. Where
 the model's logp factorises or solves matrices (an MvNormal's Cholesky factor and
