@@ -125,7 +125,7 @@ def fit(
     progressbar: bool = True,
     prepared: PreparedEM | None = None,
     reg_covar: float = 0.0,
-    accelerate: str | None = None,
+    accelerate: str | None = "auto",
     data: Mapping | Iterable[Mapping] | None = None,
     chunk_size: int | None = None,
     client: Any = None,
@@ -156,7 +156,11 @@ def fit(
     ``reg_covar`` (>= 0) is added to each closed-form Normal component variance, as in
     scikit-learn, against collapse. ``result.diagnostics`` reports empty, identical and
     collapsed components (docs/failure-modes.md); collapsed restarts are never chosen.
-    ``accelerate="squarem"`` extrapolates EM steps (SQUAREM) to need fewer E-steps.
+    ``accelerate="auto"`` takes EM steps and, where EM's measured rate predicts a long
+    crawl (hundreds of iterations: a logistic-regression mixture), runs L-BFGS on the
+    marginal objective from EM's point before EM resumes (``ppl_em.em.marginal``);
+    ``None`` takes EM steps only; ``"squarem"`` extrapolates EM steps (SQUAREM) to need
+    fewer E-steps.
 
     Data beyond memory (README, "Big data"): ``data={name: array, ...}`` holds every
     per-observation array (observed values and covariates, ``result.data_spec.names``)

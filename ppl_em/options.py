@@ -16,7 +16,9 @@ import numpy as np
 MODES = ("map", "mle")
 MSTEPS = ("auto", "closed", "numeric")
 BACKENDS = ("auto", "c", "numba", "python")
-ACCELERATORS = (None, "squarem")
+# "auto": EM steps, and L-BFGS on the marginal objective where EM crawls
+# (ppl_em.em.marginal); None: EM steps only; "squarem": SQUAREM cycles.
+ACCELERATORS = ("auto", None, "squarem")
 METHODS = ("batch", "online")
 # How compare compiles PyMC's find_MAP and NUTS (ppl_em.inference.reference_modes).
 REFERENCE_MODES = ("fast", "compiled", "pymc")

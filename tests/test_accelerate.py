@@ -128,3 +128,21 @@ def test_fit_accepts_accelerate():
     np.testing.assert_allclose(fast.params["p"], plain.params["p"], atol=1e-5)
     np.testing.assert_allclose(fast.log_posterior, plain.log_posterior, rtol=1e-10)
     assert fast.log_posterior >= plain.log_posterior - 1e-12 * abs(plain.log_posterior)
+
+
+def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(problem):
+    """An ascent is for a long crawl (the rate predicts more than CRAWL iterations) of an
+    M-step that is not all closed form and has no variance floor. Both problems here
+    are closed form: ``accelerate="auto"`` runs exactly the plain EM iterates."""
+    from ppl_em.em.marginal import CRAWL, ascends, crawling
+
+    rate = 0.95  # the gap shrinks 20-fold in log(20)/log(1/0.95) = 58 iterations
+    assert crawling(rate, 20 * 5e-7, 5e-7) == (np.log(20) / np.log(1 / rate) > CRAWL)
+    assert crawling(0.99, 1e-3, 5e-7)
+    assert not crawling(0.5, 1e-3, 5e-7)  # fast: about 11 iterations to go
+    assert not crawling(None, np.inf, 5e-7)  # no rate measured yet
+    assert not crawling(0.99, 1e-7, 5e-7)  # already within the tolerance
+    prepared, u0 = problem
+    assert not ascends(prepared.config)
+    auto, plain = _run(prepared, u0, "auto"), _run(prepared, u0, None)
+    np.testing.assert_array_equal(auto.history, plain.history)

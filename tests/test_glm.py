@@ -93,14 +93,18 @@ def test_exact_hessian_equals_differences_of_the_compiled_gradient(family):
                                rtol=1e-6, atol=1e-7 * np.abs(reference).max())  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["poisson", "bernoulli"])
-def test_regression_mixture_fit_matches_scipy_on_the_marginal_posterior(family):
+@pytest.mark.parametrize(
+    "family, accelerate", [("poisson", "auto"), ("bernoulli", "auto"), ("bernoulli", "squarem")]
+)
+def test_regression_mixture_fit_matches_scipy_on_the_marginal_posterior(family, accelerate):
     x, y = _data(family, n=1500)
-    # The logistic mixture's posterior is flat along the slopes (posterior sd about
-    # 0.5), where EM's linear rate takes a thousand iterations; SQUAREM takes 230.
-    accelerate = "squarem" if family == "bernoulli" else None
     fit = ppl_em.fit(_model(family, x, y), progressbar=False, tol=1e-10, accelerate=accelerate)
     assert fit.converged
+    if family == "bernoulli" and accelerate == "auto":
+        # The logistic mixture's posterior is flat along the slopes (posterior sd about
+        # 0.5), where EM alone (accelerate=None) took 1109 iterations and SQUAREM 230:
+        # L-BFGS on the marginal posterior takes over once EM crawls.
+        assert fit.n_iter < 100
     # SciPy starts at EM's estimate with component 1 first, w as its log-odds
     start = np.r_[fit.params["a"], fit.params["b"], np.log(fit.params["w"][1] / fit.params["w"][0])]
     theta, best = _scipy_map(family, x, y, start)

@@ -204,3 +204,37 @@ def test_newton_stops_at_the_rounding_of_q_not_after_its_iteration_limit():
     # Q's rounding hides a change of 1e-11, which a step of sqrt(2e-11) ~ 5e-6 standard
     # errors makes: the maximiser is known to about that
     np.testing.assert_allclose(found.values, centre, atol=1e-4)
+
+
+def test_newton_near_the_maximum_takes_the_full_step_not_its_double():
+    """A full Newton step that raises Q was doubled while Q kept rising. Near Q's maximum
+    the doubled step lands at the maximum's mirror image, where Q is as high as at the
+    start, and Q's rounding can make it look higher: each step then overshot, and the
+    next crept back by halvings (the Poisson regression's start M-step spent 145
+    evaluations after converging). Here Q is quadratic with the rounding of a sum over
+    10^5 observations (1e-9 at -3e5), its Hessian exact, and the start 2e-5 standard
+    errors from the maximum, where a full step raises Q by 2e-10, below its rounding."""
+    from ppl_em.steps.newton import newton_maximise
+
+    rng = np.random.default_rng(7)
+    centre = np.array([2.1, 0.9, -0.3, 0.4])
+    root = rng.normal(size=(4, 4))
+    info = 1e5 * (root @ root.T / 4 + np.eye(4))  # N x the information per observation
+    calls = []
+
+    def evaluate(x):
+        calls.append(1)
+        d = x - centre
+        q = -3e5 - 0.5 * d @ info @ d + rng.normal(0.0, 1e-9)
+        return q, -info @ d + rng.normal(0.0, 1e-10, 4)
+
+    away = rng.normal(size=4)
+    away *= 2e-5 / np.sqrt(away @ info @ away)  # a decrement of 2e-5
+    for _ in range(20):
+        calls.clear()
+        found = newton_maximise(
+            evaluate, evaluate, centre + away, 0.0, curvature=lambda x, g: -info
+        )
+        assert len(calls) <= 8
+        # within the gradient's rounding (1e-10 / 1e5 per coordinate), not at the mirror
+        np.testing.assert_allclose(found.values, centre, atol=1e-12)

@@ -86,7 +86,8 @@ def test_label_model_rewritten_and_unchanged():
     # The rows take chunks of any length, so the length of a solve's right-hand side is
     # read off the graph evaluated over the data (N = 300), not its static type.
     data = model_joint.data
-    assert not any(rows == 300 for rows in _rhs_rows(inputs, _solves(outputs), u, data))
+    full = model_joint.rows.full_args((u, *data))[1:]  # with the hoisted data terms
+    assert not any(rows == 300 for rows in _rhs_rows(inputs, _solves(outputs), u, full))
     # the same rows as built from the model, before the rewrite, give the same joint
     plain_inputs, plain_rows = _plain_rows(model_joint)
     assert any(rows == 300 for rows in _rhs_rows(plain_inputs, _solves(plain_rows), u, data))

@@ -25,6 +25,7 @@ from pytensor.link.vm import VMLinker
 from pytensor.tensor import TensorVariable
 from threadpoolctl import ThreadpoolController
 
+from ppl_em.compiled.hoist import DataTerms, hoist_data_terms
 from ppl_em.compiled.layout import FlatLayout, flat_layout, flat_replacements, transform_graphs
 from ppl_em.compiled.numpy_ops import numpy_mode
 from ppl_em.compiled.rewrites import checks_as_flags, solves_as_products
@@ -118,10 +119,16 @@ class LazyFunction:
     """
 
     def __init__(
-        self, inputs: list, outputs: list | TensorVariable, mode: Mode, borrow: int = 0
+        self,
+        inputs: list,
+        outputs: list | TensorVariable,
+        mode: Mode,
+        borrow: int = 0,
+        terms: tuple[DataTerms, slice] | None = None,
     ) -> None:
         self.graph = (inputs, outputs, mode)
         self._borrow = borrow
+        self._terms = terms
         self._fn: Callable | None = None
         self.lock = threading.RLock()
 
@@ -136,7 +143,16 @@ class LazyFunction:
                 self._fn = pymc_compile(inputs, outputs, mode=mode, on_unused_input="ignore")
             return self._fn
 
+    def full_args(self, args: tuple) -> tuple:
+        """``args`` and, with ``terms = (data_terms, chunk)``, the hoisted data terms of
+        ``args[chunk]`` (:mod:`ppl_em.compiled.hoist`): the compiled function's inputs."""
+        if self._terms is None:
+            return args
+        data_terms, chunk = self._terms
+        return (*args, *data_terms.of(args[chunk]))
+
     def __call__(self, *args):
+        args = self.full_args(args)
         with self.lock:
             return self.compiled(*args)
 
@@ -152,13 +168,13 @@ class RowsFunction(LazyFunction):
     function's buffers, reused by the next call; a caller reads them before calling
     again. ``benchmarks/README.md`` has the measurements behind both choices."""
 
-    def __init__(self, inputs: list, rows: list, mode: Mode) -> None:
+    def __init__(self, inputs: list, rows: list, mode: Mode, terms=None) -> None:
         c_loops = _has_c_loops(mode)
         flags = [pt.constant(True)] * len(rows)
         if c_loops:
             rows, flags = checks_as_flags(rows)
             mode = mode.clone(link_kwargs={"allow_gc": False})
-        super().__init__(inputs, [*rows, *flags], mode, borrow=len(rows) * c_loops)
+        super().__init__(inputs, [*rows, *flags], mode, len(rows) * c_loops, terms)
         self._k = len(rows)
 
     def __call__(self, *args):
@@ -228,6 +244,9 @@ def build_em_functions(
     rows = graph_replace(joint_rows(graph, spec, broadcast_label), replace, strict=False)
     extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
     chunk, fixed_in = list(spec.inputs), list(spec.fixed_inputs)
+    rows, term_in, term_graphs = hoist_data_terms(rows, chunk)
+    terms = DataTerms(LazyFunction(chunk, term_graphs, rows_mode)) if term_in else None
+    n = len(chunk)
     q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
     constrained, param_inputs, forward = transform_graphs(graph, replace)
     data, fixed_data = data_arrays(spec)
@@ -238,9 +257,19 @@ def build_em_functions(
         spec=spec,
         data=tuple(map(_frozen, data)),
         fixed_data=tuple(map(_frozen, fixed_data)),
-        rows=RowsFunction([flat, *chunk], solves_as_products(rows), rows_mode),
+        rows=RowsFunction(
+            [flat, *chunk, *term_in],
+            solves_as_products(rows),
+            rows_mode,
+            (terms, slice(1, 1 + n)) if terms else None,
+        ),
         fixed=LazyFunction([flat, *fixed_in], [extra, logprior], tiny),
-        q_and_grad=LazyFunction([flat, *q_inputs, *chunk, *fixed_in], q_outputs, q_mode),
+        q_and_grad=LazyFunction(
+            [flat, *q_inputs, *chunk, *fixed_in, *term_in],
+            q_outputs,
+            q_mode,
+            terms=(terms, slice(3, 3 + n)) if terms else None,
+        ),
         constrain=LazyFunction([flat], constrained, tiny),
         unconstrain=LazyFunction([flat, *param_inputs], forward, tiny),
         compiled_rows=rows_backend != "python",

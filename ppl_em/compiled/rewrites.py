@@ -78,7 +78,7 @@ def _as_product(node) -> TensorVariable | None:
     return pt.shape_padleft(product, out.ndim - product.ndim).astype(out.dtype)
 
 
-def _fgraph(outputs: list[TensorVariable]) -> FunctionGraph:
+def fgraph_copy(outputs: list[TensorVariable]) -> FunctionGraph:
     """A copy of the graph of ``outputs`` (same inputs) to rewrite in place: the rows'
     graph is shared with Q's, which keeps PyMC's checks."""
     inputs = [v for v in graph_inputs(outputs) if not isinstance(v, Constant)]
@@ -90,7 +90,7 @@ def _replace_nodes(outputs: list[TensorVariable], rule) -> list[TensorVariable]:
     """``outputs`` with each node's output replaced by ``rule(node)`` where not None.
     One node at a time, in order: replacements may nest (a division inside a division),
     which a single ``graph_replace`` of them all cannot take."""
-    fg = _fgraph(outputs)
+    fg = fgraph_copy(outputs)
     for node in fg.toposort():
         if node not in fg.apply_nodes:
             continue
@@ -135,7 +135,7 @@ def checks_as_flags(
     """The rows without their single-value parameter checks and divisions by single
     values, and one boolean flag per row: False where a removed check of that row fails
     (the caller then sets the row to ``-inf``)."""
-    fg = _fgraph(_replace_nodes(rows, _division_as_product))
+    fg = fgraph_copy(_replace_nodes(rows, _division_as_product))
     k = len(rows)
     checks = {}
     for node in fg.toposort():

@@ -9,6 +9,7 @@ import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.em import convergence
+from ppl_em.em.marginal import SPACING, ascends, crawling, marginal_ascent
 from ppl_em.em.progress import Progress
 from ppl_em.em.squarem import SquaremCycle, stepper
 from ppl_em.em.step import EMData, EMState, em_data, em_init
@@ -86,6 +87,19 @@ def _warn(history: list, monotone: bool, converged: bool, max_iter: int, gap, st
         )
 
 
+def _ascend(functions, config, state, data, history: list, gap_tol: float):
+    """A marginal ascent from ``state`` (:mod:`ppl_em.em.marginal`): ``(state, whether
+    to try again, E-steps)``; its state enters ``history`` if it is higher. The rate EM
+    measured stays (EM's next steps, not the ascent's jump, measure it again); one that
+    gained less than ``gap_tol`` is the last."""
+    ascent = marginal_ascent(functions, config, state, data)
+    gain = ascent.state.objective - state.objective
+    if gain > 0:
+        state = ascent.state
+        history.append(state.objective)
+    return state, gain > gap_tol, ascent.n_estep
+
+
 def run_em(
     functions: EMFunctions,
     config: MStepConfig,
@@ -96,7 +110,7 @@ def run_em(
     tol: float = 1e-8,
     gap_tol: float = convergence.GAP_TOL,
     progressbar: bool = False,
-    accelerate: str | None = None,
+    accelerate: str | None = "auto",
 ) -> EMRun:
     """Iterate until the objective changes by less than ``tol * |objective|`` and its
     estimated remaining gain is below ``gap_tol`` nats (:mod:`ppl_em.em.convergence`).
@@ -107,13 +121,20 @@ def run_em(
     ``accelerate="squarem"`` iterates SQUAREM cycles (each up to 4 E-steps) instead of
     single EM steps; ``max_iter`` then counts cycles and ``EMRun.n_estep`` the E-steps.
     A numeric M-step that stops moving away from a stationary point ends the run
-    unconverged (``EMRun.stalled``).
+    unconverged (``EMRun.stalled``). With ``accelerate="auto"``, where EM's rate
+    predicts a long crawl, L-BFGS on the marginal objective takes over for a while
+    (:mod:`ppl_em.em.marginal`: where the M-step is not all closed form, and not with
+    ``reg_covar``); each ascent that raises the objective is one entry of ``history``
+    (and of ``n_iter``), and its E-steps count in ``n_estep``. ``accelerate=None``
+    takes EM steps only.
     """
     step = stepper(accelerate)
     data = em_data(functions, config) if data is None else data
     state = em_init(functions, u0, config, data, keep_resp=False)
     history, monotone, n_estep = [state.objective], True, 1
     converged, stalled, stopping = False, None, convergence.Stopping()
+    # the rate is measured from history[since:]
+    since, ascend = 0, accelerate == "auto" and ascends(config)
     with Progress(max_iter, enabled=progressbar) as bar:
         for _ in range(max_iter):
             cycle, stalled = _stalled_step(step, functions, config, state, data)
@@ -123,13 +144,19 @@ def run_em(
             history.append(new.objective)
             state = new
             bar.update(state.objective)
-            stopping = convergence.update(stopping, history)
+            stopping = convergence.update(stopping, history[since:])
             if stalled is not None:
                 break
-            if convergence.converged(stopping, history, tol, gap_tol):
+            if convergence.converged(stopping, history[since:], tol, gap_tol):
                 converged = True
                 break
-    _warn(history, monotone, converged, max_iter, convergence.gap(stopping, history), stalled)
+            gap = convergence.gap(stopping, history[since:])
+            if ascend and len(history) - since > SPACING and crawling(stopping.rate, gap, gap_tol):
+                state, ascend, used = _ascend(functions, config, state, data, history, gap_tol)
+                n_estep, since = n_estep + used, len(history) - 1
+                bar.update(state.objective)
+    gap = convergence.gap(stopping, history[since:])
+    _warn(history, monotone, converged, max_iter, gap, stalled)
     state = data.final(functions, state)
     n_iter = len(history) - 1
     return EMRun(state, np.asarray(history), n_iter, converged, monotone, n_estep, stalled)

@@ -93,7 +93,8 @@ def plain_step(
 
 
 def stepper(accelerate: str | None):
-    """The cycle function for ``accelerate`` in ``ACCELERATORS``."""
+    """The cycle function for ``accelerate`` in ``ACCELERATORS`` (``"auto"`` takes plain
+    EM steps; the loop adds its marginal ascents)."""
     if accelerate not in ACCELERATORS:
         raise ValueError(
             f"accelerate={accelerate!r} is not one of {ACCELERATORS}: None is plain EM."

@@ -3,10 +3,13 @@
 The closed-form ``(mu_k, Sigma_k)`` (weighted means and covariances, from the E-step's
 statistics or, where those would cancel, from the responsibilities) are mapped back to
 the free variables by solving ``params(u) = target`` on the model's own compiled
-parameter map (:mod:`ppl_em.compiled.mvn_map`): Gauss-Newton from the previous solution
-(2-3 steps near convergence), Levenberg-Marquardt if that stalls, with a
-forward-difference Jacobian grouped by sparsity. That solve has ``K (D + D(D+1)/2)``
-unknowns and nothing in it grows with N. If a solve misses the target, the M-step
+parameter map (:mod:`ppl_em.compiled.mvn_map`): Newton's method from the previous
+solution, one forward-difference Jacobian (grouped by sparsity) serving several steps
+while they converge fast (near convergence: one Jacobian, two steps, nine evaluations
+of the map), Levenberg-Marquardt if that stalls. The residual is whitened by the target
+covariance and takes the lower triangle of the covariance, so a one-to-one map gives a
+square system. That solve has ``K (D + D(D+1)/2)`` unknowns and nothing in it grows
+with N. If a solve misses the target, the M-step
 maximises Q numerically over those variables instead.
 """
 
@@ -27,6 +30,9 @@ from ppl_em.steps.stats import TINY
 # Largest whitened residual accepted as "params(u) reproduces the target": parameters
 # within 1e-9 relative of the weighted moments change Q by far less than EM's tol.
 SOLVE_TOL = 1e-9
+# Newton keeps its Jacobian while each step shrinks the residual at least this much
+# (the chord method): a Jacobian costs a map evaluation per group, a step only one.
+CHORD_RATE = 0.1
 
 
 class MvnUpdate(NamedTuple):
@@ -36,13 +42,15 @@ class MvnUpdate(NamedTuple):
     ``concat(mu.ravel(), cov.ravel())``; ``pattern[r, c]`` says whether block entry ``c``
     moves output ``r``, and ``groups`` partitions the entries into sets that move disjoint
     outputs, so one forward difference per group gives the whole Jacobian (components
-    are independent, so that is about ``1/K`` of the entries).
+    are independent, so that is about ``1/K`` of the entries); ``entries`` holds per
+    group ``(group, outputs, entries)``, the Jacobian's nonzeros its difference fills.
     """
 
     mask: np.ndarray
     params: Callable
     pattern: np.ndarray
     groups: tuple[np.ndarray, ...]
+    entries: tuple[tuple[np.ndarray, ...], ...]
 
 
 def weighted_moments(gamma: np.ndarray, x: np.ndarray, reg_covar: float = 0.0):
@@ -68,17 +76,16 @@ def moments_from_stats(nk: np.ndarray, stats, request, i: int, reg_covar: float 
     mean = request.mvn_means[i]
     d = mean.shape[0]
     col = {key[2:]: c for key, c in request.index.items() if key[:2] == ("mvn", i)}
-    shift = np.stack([stats.s[col[("x", a)]] for a in range(d)], axis=1) / nk
+    first = [col[("x", a)] for a in range(d)]
+    second = [[col[("xx", min(a, b), max(a, b))] for b in range(d)] for a in range(d)]
+    shift = stats.s[first].T / nk
     with np.errstate(over="ignore", invalid="ignore"):
-        var = np.stack([stats.s[col[("xx", a, a)]] for a in range(d)], axis=1) / nk - shift**2
+        cov = np.moveaxis(stats.s[second], 2, 0) / nk[:, :, None]
+        cov -= shift[:, :, None] * shift[:, None, :]
+    var = np.diagonal(cov, axis1=1, axis2=2)
     if not (np.all(np.isfinite(var)) and np.all(shift**2 <= CANCELLATION_LIMIT * var)):
         return None
-    cov = np.empty((nk.shape[0], d, d))
-    for a in range(d):
-        cov[:, a, a] = var[:, a] + reg_covar
-        for b in range(a + 1, d):
-            cross = stats.s[col[("xx", a, b)]] / nk[:, 0] - shift[:, a] * shift[:, b]
-            cov[:, a, b] = cov[:, b, a] = cross
+    cov[:, np.arange(d), np.arange(d)] += reg_covar
     return mean + shift, cov
 
 
@@ -160,29 +167,71 @@ def pooled_covariance(nk: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.einsum("k,kij->ij", weights, cov), cov.shape).copy()
 
 
-def _whitened(winv: np.ndarray, mu_err: np.ndarray, cov_err: np.ndarray) -> np.ndarray:
-    """Errors in the target's own scale, ``W (mu - mu*)`` and ``W (Sigma - Sigma*) W^T``
-    with ``W = chol(Sigma*)^-1``, so one tolerance fits every unit and correlation.
-    Trailing axes (the Jacobian's columns) are carried through."""
-    r_mu = np.einsum("kij,kj...->ki...", winv, mu_err)
-    r_cov = np.einsum("kia,kab...,kjb->kij...", winv, cov_err, winv)
-    tail = mu_err.shape[2:]
-    return np.concatenate([r_mu.reshape(-1, *tail), r_cov.reshape(-1, *tail)])
+def _whitening(winv: np.ndarray) -> np.ndarray:
+    """``P`` with ``(P vec(E))_t = (W E W^T)_{i_t j_t}`` over the lower triangle's
+    entries ``t``, per component: the covariance part of :func:`_whitened` as one
+    product, built once per solve."""
+    k, d, _ = winv.shape
+    rows, cols = np.tril_indices(d)
+    return (winv[:, rows, :, None] * winv[:, cols, None, :]).reshape(k, len(rows), d * d)
 
 
-def _fd_jacobian(params, full, cols, sub, base, pattern, groups) -> np.ndarray:
-    """Forward differences of ``params`` in the block entries, one call per group."""
+def _whitened(winv: np.ndarray, pair: np.ndarray, mu_err, cov_err) -> np.ndarray:
+    """Errors in the target's own scale, ``W (mu - mu*)`` and the lower triangle of
+    ``W (Sigma - Sigma*) W^T`` (``pair`` from :func:`_whitening`), with
+    ``W = chol(Sigma*)^-1``, so one tolerance fits every unit and correlation; a
+    symmetric error is whole in its lower triangle, which makes the system square when
+    the map is one-to-one. Errors are (K*D + K*D*D, n): n columns of a Jacobian, or one."""
+    k, d, _ = winv.shape
+    n = mu_err.shape[1]
+    r_mu = np.matmul(winv, mu_err.reshape(k, d, n)).reshape(-1, n)
+    r_cov = np.matmul(pair, cov_err.reshape(k, d * d, n)).reshape(-1, n)
+    return np.concatenate([r_mu, r_cov])
+
+
+def _fd_jacobian(params, full, cols, sub, base, entries) -> np.ndarray:
+    """Forward differences of ``params`` in the block entries, one call per group;
+    ``entries`` holds each group's nonzero (output, entry) pairs."""
     jac = np.zeros((base.shape[0], cols.shape[0]))
-    for group in groups:
-        h = 1.5e-8 * (1.0 + np.abs(sub[group]))
+    h = 1.5e-8 * (1.0 + np.abs(sub))
+    for group, rows, at in entries:
         full[cols] = sub
-        full[cols[group]] += h
+        full[cols[group]] += h[group]
         diff = params(full) - base
-        for c, hc in zip(group, h, strict=True):
-            rows = pattern[:, c]
-            jac[rows, c] = diff[rows] / hc
+        jac[rows, at] = diff[rows] / h[at]
     full[cols] = sub
     return jac
+
+
+class _Residual:
+    """The whitened residual ``params(u) - target`` of one solve, remembering the map's
+    value at the last point so that a Jacobian there costs only its differences."""
+
+    def __init__(self, update: MvnUpdate, u: np.ndarray, mu_t, cov_t, winv) -> None:
+        self.update, self.winv, self.pair = update, winv, _whitening(winv)
+        self.full, self.cols = u.copy(), np.flatnonzero(update.mask)
+        self.shape = mu_t.shape
+        self.target = np.concatenate([mu_t.ravel(), cov_t.ravel()])
+        self.at, self.raw = None, None
+
+    def whiten(self, values: np.ndarray) -> np.ndarray:
+        k, d = self.shape
+        columns = values.reshape(values.shape[0], -1)
+        out = _whitened(self.winv, self.pair, columns[: k * d], columns[k * d :])
+        return out.reshape(-1, *values.shape[1:])
+
+    def __call__(self, sub: np.ndarray) -> np.ndarray:
+        self.full[self.cols] = sub
+        self.at, self.raw = sub.copy(), self.update.params(self.full)
+        return self.whiten(self.raw - self.target)
+
+    def jacobian(self, sub: np.ndarray) -> np.ndarray:
+        if self.at is None or not np.array_equal(self.at, sub):
+            self(sub)
+        jac = _fd_jacobian(
+            self.update.params, self.full, self.cols, sub, self.raw, self.update.entries
+        )
+        return self.whiten(jac)
 
 
 def solve_params(
@@ -194,51 +243,56 @@ def solve_params(
         winv = np.linalg.inv(np.linalg.cholesky(cov_t))
     except np.linalg.LinAlgError:
         return None
-    full, cols = u.copy(), np.flatnonzero(update.mask)
-    k, d = mu_t.shape
-    target = np.concatenate([mu_t.ravel(), cov_t.ravel()])
-
-    def whiten(values):
-        tail = values.shape[1:]
-        mu, cov = values[: k * d].reshape(k, d, *tail), values[k * d :].reshape(k, d, d, *tail)
-        return _whitened(winv, mu, cov)
-
-    def residual(sub):
-        full[cols] = sub
-        return whiten(update.params(full) - target)
-
-    def jacobian(sub):
-        full[cols] = sub
-        base = update.params(full)
-        jac = _fd_jacobian(update.params, full, cols, sub, base, update.pattern, update.groups)
-        return whiten(jac)
-
+    residual = _Residual(update, u, mu_t, cov_t, winv)
+    start = u[residual.cols]
     with np.errstate(all="ignore"):
-        x = _gauss_newton(residual, jacobian, u[cols])
+        x = _newton(residual, residual.jacobian, start)
         if x is None:
-            x = _levenberg_marquardt(residual, jacobian, u[cols])
+            x = _levenberg_marquardt(residual, residual.jacobian, start)
     if x is None:
         return None
     out = u.copy()
-    out[cols] = x
+    out[residual.cols] = x
     return out
 
 
-def _gauss_newton(residual, jacobian, x: np.ndarray, max_iter: int = 8) -> np.ndarray | None:
-    """Plain Gauss-Newton: from the previous M-step's solution the target is close and
-    this converges quadratically in 2-3 steps; None as soon as a step does not halve
-    the residual (then Levenberg-Marquardt takes over from the start)."""
-    r = residual(x)
+def _inverse(jac: np.ndarray) -> np.ndarray | None:
+    """What maps a residual to its Newton step: ``J^-1`` when the map is one-to-one (a
+    square system), the pseudo-inverse (least squares) for a tied covariance's
+    repeated targets; None for a singular or non-finite ``J``."""
+    if not np.all(np.isfinite(jac)):
+        return None
+    try:
+        return np.linalg.inv(jac) if jac.shape[0] == jac.shape[1] else np.linalg.pinv(jac)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _newton(residual, jacobian, x: np.ndarray, max_iter: int = 16) -> np.ndarray | None:
+    """Newton's method from the previous M-step's solution, keeping a Jacobian while
+    each step still shrinks the residual by ``CHORD_RATE`` (a Jacobian costs one map
+    evaluation per group, a step one): near convergence the first Jacobian serves
+    the whole solve. None as soon as a step from a fresh Jacobian does not halve the
+    residual (then Levenberg-Marquardt takes over from the start)."""
+    r, inverse = residual(x), None
     for _ in range(max_iter):
         if not np.all(np.isfinite(r)):
             return None
         if np.max(np.abs(r)) <= SOLVE_TOL:
             return x
-        step = np.linalg.lstsq(jacobian(x), r, rcond=None)[0]
-        x_new = x - step
-        r_new = residual(x_new)
-        if not np.linalg.norm(r_new) <= 0.5 * np.linalg.norm(r):
+        fresh = inverse is None
+        inverse = _inverse(jacobian(x)) if fresh else inverse
+        if inverse is None:
             return None
+        x_new = x - inverse @ r
+        r_new = residual(x_new)
+        shrink = np.linalg.norm(r_new) / np.linalg.norm(r)
+        if not shrink <= 0.5:
+            if fresh:
+                return None
+            inverse = None  # a stale Jacobian: take a fresh one at x
+            continue
+        inverse = inverse if shrink <= CHORD_RATE else None
         x, r = x_new, r_new
     return x if np.max(np.abs(r)) <= SOLVE_TOL else None
 
@@ -260,7 +314,6 @@ def _sparsity(params, mask: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, .
     (the second, random one, so that a derivative that happens to vanish at the first
     is not taken for a structural zero), and a greedy grouping of disjoint entries."""
     cols = np.flatnonzero(mask)
-    singles = tuple(np.array([c]) for c in range(cols.shape[0]))
     rng = np.random.default_rng(0)
     pattern = None
     for scale in (0.0, 0.3):
@@ -268,7 +321,8 @@ def _sparsity(params, mask: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, .
         full[cols] = scale * rng.standard_normal(cols.shape[0])
         base = params(full)
         dense = np.ones((base.shape[0], cols.shape[0]), dtype=bool)
-        found = _fd_jacobian(params, full, cols, full[cols], base, dense, singles) != 0
+        singles = _entries(dense, tuple(np.array([c]) for c in range(cols.shape[0])))
+        found = _fd_jacobian(params, full, cols, full[cols], base, singles) != 0
         pattern = found if pattern is None else pattern | found
     groups, touched = [], []
     for c in range(cols.shape[0]):
@@ -283,7 +337,17 @@ def _sparsity(params, mask: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, .
     return pattern, tuple(np.array(g) for g in groups)
 
 
+def _entries(pattern: np.ndarray, groups) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Per group: its entries, and the (output, entry) pairs its difference fills."""
+    out = []
+    for group in groups:
+        rows, which = np.nonzero(pattern[:, group])
+        out.append((group, rows, group[which]))
+    return tuple(out)
+
+
 def compile_update(functions: EMFunctions, spec: MvnSpec) -> MvnUpdate:
     """The compiled parameter map of ``spec`` and its sparsity."""
     mask, params = compile_param_map(functions, spec)
-    return MvnUpdate(mask, params, *_sparsity(params, mask))
+    pattern, groups = _sparsity(params, mask)
+    return MvnUpdate(mask, params, pattern, groups, _entries(pattern, groups))

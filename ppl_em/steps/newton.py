@@ -29,8 +29,10 @@ DOUBLINGS = 30
 # (far from its maximum, in a log-scale's direction) the floored eigenvalue would
 # otherwise ask for an astronomically long one.
 MAX_STEP = 1e4
-# Within this many standard errors of Q's maximum a Newton step is taken even when Q's
-# rise is below its rounding (``ROUNDING`` relative to Q).
+# Within this many standard errors of Q's maximum the full Newton step is taken unless
+# Q falls by more than its rounding (``ROUNDING`` relative to Q): Q's rise there (half
+# the squared decrement) can be below its rounding, and a search that waits for Q to
+# rise then accepts a step by the luck of the rounding.
 NEAR = 1e-3
 ROUNDING = 1e-13
 # Within this many standard errors of Q's maximum a stalled decrement is taken to be
@@ -133,9 +135,7 @@ def newton_maximise(
         seen.append(decrement)
         if decrement <= max(grad_reduction * seen[0], tol) or _at_noise_floor(seen):
             break
-        found = _line_search(evaluate, x, q, direction)
-        if found is None and decrement < NEAR:
-            found = _final_step(evaluate, x, q, direction)
+        found = _line_search(evaluate, x, q, grad, direction, decrement < NEAR)
         if found is None:
             break
         x, q, grad = found
@@ -156,32 +156,32 @@ def _at_noise_floor(seen: list[float]) -> bool:
     return len(seen) > STALL and seen[-1] < NOISE and seen[-1] > 0.9 * seen[-1 - STALL]
 
 
-def _final_step(evaluate, x, q, direction):
-    """The full Newton step within ``NEAR`` standard errors of Q's maximum: Q's change is
-    then below its rounding, so "Q rises" cannot be told, while the quadratic model is
-    good; taken unless Q falls by more than its rounding."""
-    candidate = x + direction
-    q_new, grad_new = evaluate(candidate)
-    if np.isfinite(q_new) and q_new >= q - ROUNDING * max(1.0, abs(q)):
-        return candidate, q_new, grad_new
-    return None
-
-
-def _line_search(evaluate, x, q, direction):
-    """``(x', Q', grad')`` along the Newton step: halved until Q rises; when the full
-    step already raises it, doubled while Q keeps rising (far from the maximum along a
-    log-scale, Newton's step is a fixed fraction of the way, and doubling covers the
-    rest in a few evaluations instead of dozens of iterations)."""
+def _line_search(evaluate, x, q, grad, direction, near: bool):
+    """``(x', Q', grad')`` along the Newton step: halved until Q rises (a full step
+    ``near`` the maximum: unless Q falls by more than its rounding). A full step is
+    doubled while Q keeps rising and its slope along the step has kept more than half
+    its start (Q is less curved along it than the Hessian said: far from the maximum
+    along a log-scale, Newton's step is a fixed fraction of the way, and doubling covers
+    the rest in a few evaluations instead of dozens of iterations). The slope, not Q,
+    says when to stop: next to the maximum the full step lands on it, where the slope is
+    0, and a doubled one at its mirror image, which Q's rounding can make look higher
+    (the Poisson regression's start M-step overshot so, back and forth, for 145
+    evaluations after converging)."""
+    slack = ROUNDING * max(1.0, abs(q))
     t = 1.0
     for _ in range(HALVINGS):
         q_new, grad_new = evaluate(x + t * direction)
-        if np.isfinite(q_new) and q_new > q:
+        taken = q_new > q or (near and t == 1.0 and q_new >= q - slack)
+        if np.isfinite(q_new) and taken:
             break
         t *= 0.5
     else:
         return None
     best = (x + t * direction, q_new, grad_new)
+    slope = float(grad @ direction)
     for _ in range(DOUBLINGS if t == 1.0 else 0):
+        if not float(best[2] @ direction) > 0.5 * slope:
+            break
         t *= 2.0
         q_far, grad_far = evaluate(x + t * direction)
         if not (np.isfinite(q_far) and q_far > best[1]):

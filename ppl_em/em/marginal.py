@@ -1,0 +1,104 @@
+"""Quasi-Newton on the marginal objective, where EM crawls.
+
+EM's rate of convergence is the largest fraction of the information that the labels
+hide. Where it is near 1 (a logistic-regression mixture with one 0/1 answer per
+observation, the superfluous weights of a stick-breaking prior) EM needs thousands of
+iterations. The marginal objective ``l(u)`` and its gradient are both at hand in EM's
+own pieces: ``l`` is the E-step's objective, and by Fisher's identity
+``dl/du = dQ(u' | u)/du'`` at ``u' = u``, the gradient of Q with the responsibilities
+at ``u`` (the compiled ``q_and_grad`` of the numeric M-step).
+
+:func:`marginal_ascent` runs L-BFGS on ``l`` from the point EM has reached, in
+coordinates scaled by Q's curvature there (one unit is about one standard error under
+the complete data, whatever the data's units), each evaluation one E-step and one Q
+gradient. Its result is kept only if it raises ``l``, and the loop then resumes EM
+from it, so a fit still converges only by EM's own stopping rule.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.em.step import EMData, EMState, em_init
+from ppl_em.errors import DataError
+from ppl_em.steps.estep import q_and_grad
+from ppl_em.steps.mstep import MStepConfig
+from ppl_em.steps.numeric import curvature_scales
+
+# EM crawls when its measured rate is above SLOW_RATE and that rate predicts more than
+# CRAWL further iterations before the estimated gap falls below the tolerance.
+SLOW_RATE = 0.9
+CRAWL = 50
+# EM iterations between two ascents: the rate is re-measured from EM's own steps.
+SPACING = 10
+# Evaluations (each an E-step and a Q gradient) per ascent.
+MAX_EVALS = 300
+# The ascent stays within this many standard errors (complete data) of where it
+# started: far enough for any crawl, not off to a degenerate point (a variance -> 0).
+REACH = 1e4
+
+
+class Ascent(NamedTuple):
+    """An ascent's result: the best state it saw (the start if none was higher) and
+    the E-steps it ran."""
+
+    state: EMState
+    n_estep: int
+
+
+def crawling(rate: float | None, gap: float, gap_tol: float) -> bool:
+    """Whether EM's rate ``r`` predicts more than ``CRAWL`` iterations to bring the
+    estimated remaining gain ``gap`` below ``gap_tol`` (the gap shrinks by ``r`` per
+    iteration)."""
+    if rate is None or not SLOW_RATE <= rate < 1.0 or not gap_tol < gap < np.inf:
+        return False
+    return float(np.log(gap_tol / gap) / np.log(rate)) > CRAWL
+
+
+def ascends(config: MStepConfig) -> bool:
+    """Whether ascents may run: for M-steps that are not all closed form (numeric
+    variables, or blocks maximised from the statistics), and with no variance floor.
+    A closed-form EM iteration is cheap, and an ascent would first compile Q's
+    gradient, which nothing else there needs; with a floor (``reg_covar``) EM's fixed
+    point is not a maximum of ``l``, which an ascent would leave for a collapsing one
+    (an unbounded likelihood with a floorless variance draws an ascent as it does EM)."""
+    floor = any(b.consts.get("reg_covar", 0.0) > 0 for b in config.plan.blocks)
+    floor = floor or any(spec.reg_covar > 0 for spec in config.plan.mvn)
+    return (bool(config.numeric_mask.any()) or bool(config.statistics)) and not floor
+
+
+def _gradient(functions: EMFunctions, state: EMState, data) -> np.ndarray:
+    """``dl/du`` at ``state.u`` by Fisher's identity (responsibilities at ``state.u``)."""
+    _, q_functions, batches = data.expectations(functions, state)
+    return q_and_grad(q_functions, state.u, batches())[1]
+
+
+def marginal_ascent(
+    functions: EMFunctions, config: MStepConfig, state: EMState, data: EMData
+) -> Ascent:
+    """L-BFGS on the marginal objective from ``state`` (see the module docstring)."""
+    state = data.final(functions, state)
+    _, q_functions, batches = data.expectations(functions, state)
+    grad0 = q_and_grad(q_functions, state.u, batches())[1]
+    scales = curvature_scales(lambda u: q_and_grad(q_functions, u, batches()), state.u, grad0)
+    best, count = [state], [0]
+
+    def negative(z: np.ndarray):
+        count[0] += 1
+        try:
+            new = em_init(functions, state.u + scales * z, config, data, keep_resp=True)
+        except DataError:
+            return np.inf, np.zeros_like(z)
+        if new.objective > best[0].objective:
+            best[0] = new
+        return -new.objective, -scales * _gradient(functions, new, data)
+
+    options = {"maxfun": MAX_EVALS, "maxiter": MAX_EVALS, "ftol": 1e-15, "gtol": 1e-10}
+    bounds = [(-REACH, REACH)] * state.u.size
+    minimize(negative, np.zeros_like(state.u), jac=True, method="L-BFGS-B",
+             bounds=bounds, options=options)  # fmt: skip
+    return Ascent(best[0], count[0])
