@@ -33,11 +33,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix ppl_em tests models benchmarks
 
 # Two processes, each taking whole test files (module fixtures such as the Dask cluster
-# and the cross-check fits are built once).
+# and the cross-check fits are built once). ArviZ writes a once-a-day stamp at import
+# through a fixed temporary file name, and two workers importing it at once on a fresh
+# machine raced on it (FileNotFoundError at collection): one import first writes it.
+ARVIZ_STAMP = $(PY) -W ignore -c "import arviz"
+
 test: lint
+	$(ARVIZ_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -ra --durations=15
 
 test-slow: $(STAMP)
+	$(ARVIZ_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -ra -m slow --durations=15
 
 bench: $(STAMP)
