@@ -57,9 +57,15 @@ def _run(prepared, u0, accelerate):
     )
 
 
-def test_squarem_same_optimum_fewer_esteps(problem):
+@pytest.fixture(scope="module")
+def plain_run(problem):
+    """Plain EM on ``problem`` (hundreds of iterations), run once for the tests below."""
+    return _run(*problem, None)
+
+
+def test_squarem_same_optimum_fewer_esteps(problem, plain_run):
     prepared, u0 = problem
-    plain, fast = _run(prepared, u0, None), _run(prepared, u0, "squarem")
+    plain, fast = plain_run, _run(prepared, u0, "squarem")
     assert plain.converged and fast.converged
     assert plain.n_estep > 100  # the problem is slow for plain EM, or the test is moot
     assert fast.n_estep < plain.n_estep / 2
@@ -130,11 +136,11 @@ def test_fit_accepts_accelerate():
     assert fast.log_posterior >= plain.log_posterior - 1e-12 * abs(plain.log_posterior)
 
 
-def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(problem):
+def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(problem, plain_run):
     """An ascent is for a long crawl (the rate predicts more than CRAWL iterations) of an
     M-step that is not all closed form and has no variance floor. Both problems here
     are closed form: ``accelerate="auto"`` runs exactly the plain EM iterates."""
-    from ppl_em.em.marginal import CRAWL, ascends, crawling
+    from ppl_em.em.marginal import COMPILE_WORTH, CRAWL, ascends, crawling
 
     rate = 0.95  # the gap shrinks 20-fold in log(20)/log(1/0.95) = 58 iterations
     assert crawling(rate, 20 * 5e-7, 5e-7) == (np.log(20) / np.log(1 / rate) > CRAWL)
@@ -142,7 +148,10 @@ def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(p
     assert not crawling(0.5, 1e-3, 5e-7)  # fast: about 11 iterations to go
     assert not crawling(None, np.inf, 5e-7)  # no rate measured yet
     assert not crawling(0.99, 1e-7, 5e-7)  # already within the tolerance
+    # Q's gradient not compiled yet: only a crawl longer than COMPILE_WORTH seconds
+    left = np.log(5e-7 / 1e-3) / np.log(0.99)  # 756 iterations
+    assert not crawling(0.99, 1e-3, 5e-7, q_compiled=False, pace=0.5 * COMPILE_WORTH / left)
+    assert crawling(0.99, 1e-3, 5e-7, q_compiled=False, pace=2.0 * COMPILE_WORTH / left)
     prepared, u0 = problem
     assert not ascends(prepared.config)
-    auto, plain = _run(prepared, u0, "auto"), _run(prepared, u0, None)
-    np.testing.assert_array_equal(auto.history, plain.history)
+    np.testing.assert_array_equal(_run(prepared, u0, "auto").history, plain_run.history)

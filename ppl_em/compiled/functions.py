@@ -245,7 +245,8 @@ def build_em_functions(
     extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
     chunk, fixed_in = list(spec.inputs), list(spec.fixed_inputs)
     rows, term_in, term_graphs = hoist_data_terms(rows, chunk)
-    terms = DataTerms(LazyFunction(chunk, term_graphs, rows_mode)) if term_in else None
+    # Data terms run once per chunk: like the small graphs, not worth a C compilation.
+    terms = DataTerms(LazyFunction(chunk, term_graphs, tiny)) if term_in else None
     n = len(chunk)
     q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
     constrained, param_inputs, forward = transform_graphs(graph, replace)

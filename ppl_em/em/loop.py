@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import NamedTuple
 
@@ -133,12 +134,15 @@ def run_em(
     state = em_init(functions, u0, config, data, keep_resp=False)
     history, monotone, n_estep = [state.objective], True, 1
     converged, stalled, stopping = False, None, convergence.Stopping()
-    # the rate is measured from history[since:]
-    since, ascend = 0, accelerate == "auto" and ascends(config)
+    # the rate is measured from history[since:]; the seconds per step give EM's pace
+    since, ascend, clock = 0, accelerate == "auto" and ascends(config), 0.0
+    q_compiled = bool(config.numeric_mask.any())
     with Progress(max_iter, enabled=progressbar) as bar:
-        for _ in range(max_iter):
+        for count in range(1, max_iter + 1):
+            tick = time.perf_counter()
             cycle, stalled = _stalled_step(step, functions, config, state, data)
             new, n_estep = cycle.state, n_estep + cycle.n_estep
+            clock += time.perf_counter() - tick
             if new.objective - state.objective < -MONOTONE_SLACK * max(1.0, abs(new.objective)):
                 monotone = False
             history.append(new.objective)
@@ -151,9 +155,10 @@ def run_em(
                 converged = True
                 break
             gap = convergence.gap(stopping, history[since:])
-            if ascend and len(history) - since > SPACING and crawling(stopping.rate, gap, gap_tol):
+            slow = crawling(stopping.rate, gap, gap_tol, q_compiled, clock / count)
+            if ascend and len(history) - since > SPACING and slow:
                 state, ascend, used = _ascend(functions, config, state, data, history, gap_tol)
-                n_estep, since = n_estep + used, len(history) - 1
+                n_estep, since, q_compiled = n_estep + used, len(history) - 1, True
                 bar.update(state.objective)
     gap = convergence.gap(stopping, history[since:])
     _warn(history, monotone, converged, max_iter, gap, stalled)

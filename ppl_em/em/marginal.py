@@ -33,6 +33,10 @@ from ppl_em.steps.numeric import curvature_scales
 # CRAWL further iterations before the estimated gap falls below the tolerance.
 SLOW_RATE = 0.9
 CRAWL = 50
+# Where nothing else compiles Q's gradient (no numeric variables), an ascent is worth
+# it only when the crawl it saves, at EM's pace, would take longer than this many
+# seconds: compiling that gradient to C takes some 10-30 s on a cold cache.
+COMPILE_WORTH = 20.0
 # EM iterations between two ascents: the rate is re-measured from EM's own steps.
 SPACING = 10
 # Evaluations (each an E-step and a Q gradient) per ascent.
@@ -50,13 +54,17 @@ class Ascent(NamedTuple):
     n_estep: int
 
 
-def crawling(rate: float | None, gap: float, gap_tol: float) -> bool:
+def crawling(
+    rate: float | None, gap: float, gap_tol: float, q_compiled: bool = True, pace: float = 0.0
+) -> bool:
     """Whether EM's rate ``r`` predicts more than ``CRAWL`` iterations to bring the
     estimated remaining gain ``gap`` below ``gap_tol`` (the gap shrinks by ``r`` per
-    iteration)."""
+    iteration) and, unless Q's gradient is compiled anyway (``q_compiled``), that many
+    iterations at ``pace`` seconds each take more than ``COMPILE_WORTH``."""
     if rate is None or not SLOW_RATE <= rate < 1.0 or not gap_tol < gap < np.inf:
         return False
-    return float(np.log(gap_tol / gap) / np.log(rate)) > CRAWL
+    left = float(np.log(gap_tol / gap) / np.log(rate))
+    return left > CRAWL and (q_compiled or left * pace > COMPILE_WORTH)
 
 
 def ascends(config: MStepConfig) -> bool:
