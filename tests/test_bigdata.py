@@ -289,4 +289,7 @@ def test_marginal_ascents_streamed_equal_in_memory(tmp_path):
     result = ppl_em.fit(prepared=sample, data=arrays, chunk_size=701, **OPTIONS)
     assert whole.converged and result.converged
     assert result.n_iter == whole.n_iter < 100  # EM alone took 1109 iterations at N=1500
-    assert_same_fit(result, whole)
+    # L-BFGS's path carries the chunked sums' rounding further than EM's steps (2.6e-8
+    # apart in one CI run): both stop by EM's rule, within 1e-3 standard errors of the
+    # optimum; 1e-6 is below a thousandth of any posterior sd here.
+    assert_same_fit(result, whole, params_rtol=1e-6)

@@ -35,7 +35,7 @@ SLOW_RATE = 0.9
 CRAWL = 50
 # Where nothing else compiles Q's gradient (no numeric variables), an ascent is worth
 # it only when the crawl it saves, at EM's pace, would take longer than this many
-# seconds: compiling that gradient to C takes some 10-30 s on a cold cache.
+# seconds: compiling that gradient to C takes tens of seconds on a cold cache.
 COMPILE_WORTH = 20.0
 # EM iterations between two ascents: the rate is re-measured from EM's own steps.
 SPACING = 10
@@ -89,11 +89,12 @@ def marginal_ascent(
     functions: EMFunctions, config: MStepConfig, state: EMState, data: EMData
 ) -> Ascent:
     """L-BFGS on the marginal objective from ``state`` (see the module docstring)."""
+    count = [0 if state.log_resp is not None else 1]  # final's E-step
     state = data.final(functions, state)
     _, q_functions, batches = data.expectations(functions, state)
     grad0 = q_and_grad(q_functions, state.u, batches())[1]
     scales = curvature_scales(lambda u: q_and_grad(q_functions, u, batches()), state.u, grad0)
-    best, count = [state], [0]
+    best = [state]
 
     def negative(z: np.ndarray):
         count[0] += 1
