@@ -210,8 +210,8 @@ def test_newton_near_the_maximum_takes_the_full_step_not_its_double():
     """A full Newton step that raises Q was doubled while Q kept rising. Near Q's maximum
     the doubled step lands at the maximum's mirror image, where Q is as high as at the
     start, and Q's rounding can make it look higher: each step then overshot, and the
-    next crept back by halvings (the Poisson regression's start M-step spent 145
-    evaluations after converging). Here Q is quadratic with the rounding of a sum over
+    next crept back by halvings (the Poisson regression's start M-step spent 149
+    evaluations of Q where 9 now do). Here Q is quadratic with the rounding of a sum over
     10^5 observations (1e-9 at -3e5), its Hessian exact, and the start 2e-5 standard
     errors from the maximum, where a full step raises Q by 2e-10, below its rounding."""
     from ppl_em.steps.newton import newton_maximise

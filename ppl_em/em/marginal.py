@@ -42,7 +42,8 @@ SPACING = 10
 # Evaluations (each an E-step and a Q gradient) per ascent.
 MAX_EVALS = 300
 # The ascent stays within this many standard errors (complete data) of where it
-# started: far enough for any crawl, not off to a degenerate point (a variance -> 0).
+# started: far enough for any crawl, and a bound on how far it can run towards a
+# degenerate point (a variance -> 0), which EM too would approach.
 REACH = 1e4
 
 
