@@ -21,6 +21,7 @@ from ppl_em.options import FIT_CONSTRAINTS, check_args
 from ppl_em.prepared import PreparedEM, apply_reg_covar, prepare
 from ppl_em.result import EMResult
 from ppl_em.steps.estep import joint
+from ppl_em.steps.mstep import restarted
 
 
 def _check_fit_args(args: dict) -> None:
@@ -192,6 +193,7 @@ def fit(
         prepared = prepare(model, latent=latent, mode=mode or "map", mstep=mstep or "auto",
                            backend=backend_for(data) if big else "auto")  # fmt: skip
     prepared = apply_reg_covar(prepared, reg_covar)
+    prepared = prepared._replace(config=restarted(prepared.config))
     if weights is not None or labels is not None:
         observed = with_observations(prepared.functions, weights, labels)
         prepared = prepared._replace(functions=observed)

@@ -140,7 +140,14 @@ def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(p
     """An ascent is for a long crawl (the rate predicts more than CRAWL iterations) of an
     M-step that is not all closed form and has no variance floor. Both problems here
     are closed form: ``accelerate="auto"`` runs exactly the plain EM iterates."""
-    from ppl_em.em.marginal import COMPILE_WORTH, CRAWL, ascends, crawling
+    from ppl_em.em.marginal import (
+        CELL_SECONDS,
+        COMPILE_WORTH,
+        CRAWL,
+        ITERATION_SECONDS,
+        ascends,
+        crawling,
+    )
 
     rate = 0.95  # the gap shrinks 20-fold in log(20)/log(1/0.95) = 58 iterations
     assert crawling(rate, 20 * 5e-7, 5e-7) == (np.log(20) / np.log(1 / rate) > CRAWL)
@@ -148,10 +155,14 @@ def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(p
     assert not crawling(0.5, 1e-3, 5e-7)  # fast: about 11 iterations to go
     assert not crawling(None, np.inf, 5e-7)  # no rate measured yet
     assert not crawling(0.99, 1e-7, 5e-7)  # already within the tolerance
-    # Q's gradient not compiled yet: only a crawl longer than COMPILE_WORTH seconds
+    # Q's gradient not compiled yet: only a crawl estimated to last longer than
+    # COMPILE_WORTH seconds, or longer than the iterations left
     left = np.log(5e-7 / 1e-3) / np.log(0.99)  # 756 iterations
-    assert not crawling(0.99, 1e-3, 5e-7, q_compiled=False, pace=0.5 * COMPILE_WORTH / left)
-    assert crawling(0.99, 1e-3, 5e-7, q_compiled=False, pace=2.0 * COMPILE_WORTH / left)
+    for factor in (0.5, 2.0):
+        pace = factor * COMPILE_WORTH / left
+        cells = (pace - ITERATION_SECONDS) / CELL_SECONDS
+        assert crawling(0.99, 1e-3, 5e-7, q_compiled=False, cells=cells) == (factor > 1)
+        assert crawling(0.99, 1e-3, 5e-7, q_compiled=False, cells=cells, remaining=700)
     prepared, u0 = problem
     assert not ascends(prepared.config)
     np.testing.assert_array_equal(_run(prepared, u0, "auto").history, plain_run.history)

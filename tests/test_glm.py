@@ -129,3 +129,21 @@ def test_transformed_coefficients_keep_finite_differences():
     _, config = ppl_em.prepare(_model("poisson", x, y, prior=pm.HalfFlat))
     assert config.plan.glm == () and config.glm == ()
     assert "inverse link of a linear predictor" in config.plan.reasons["a"]
+
+
+def test_a_run_cut_short_at_any_iteration_ends_unconverged_with_a_warning():
+    """``max_iter`` can end a run right after a marginal ascent, when EM has not yet
+    measured a step since: the run ends unconverged, with the warning, below the full
+    run's optimum (it once raised an IndexError reading two objectives after the
+    ascent)."""
+    x, y = _data("bernoulli", n=1500)
+    model = _model("bernoulli", x, y)
+    prepared = ppl_em.prepare(model)
+    full = ppl_em.fit(model, prepared=prepared, progressbar=False, tol=1e-10)
+    assert full.converged
+    for max_iter in range(1, full.n_iter - 1):
+        with pytest.warns(ppl_em.ConvergenceWarning, match=f"max_iter={max_iter} "):
+            short = ppl_em.fit(model, prepared=prepared, progressbar=False, tol=1e-10,
+                               max_iter=max_iter)  # fmt: skip
+        assert not short.converged
+        assert short.log_posterior <= full.log_posterior + 1e-9

@@ -8,7 +8,7 @@ import pytest
 import ppl_em
 from ppl_em.em import default_start
 from ppl_em.model import analyse_model, build_plan, data_spec
-from ppl_em.steps import m_step_from_resp, make_mstep_config, q_and_grad, whole_data
+from ppl_em.steps import m_step_from_resp, make_mstep_config, q_and_grad, stats_newton, whole_data
 from ppl_em.steps import mstep as mstep_module
 from tests.conftest import EXACT
 
@@ -156,7 +156,10 @@ def test_map_with_non_conjugate_prior_is_maximised_from_the_statistics():
 
 
 def normal_halfnormal():
-    x = RNG.normal(np.where(RNG.random(N) < 0.5, -2.0, 3.0), 1.0)
+    return normal_halfnormal_on(RNG.normal(np.where(RNG.random(N) < 0.5, -2.0, 3.0), 1.0))
+
+
+def normal_halfnormal_on(x):
     with pm.Model() as m:
         w = pm.Dirichlet("w", a=np.ones(2))
         mu = pm.Normal("mu", 0.0, 2.0, shape=2)
@@ -278,6 +281,36 @@ def test_statistics_newton_equals_the_numeric_maximiser_of_q(case, monkeypatch):
     assert qa >= qb - 1e-9 * abs(qb)
 
 
+def test_a_narrow_component_far_from_the_centre_keeps_the_statistics_newton(monkeypatch):
+    """A component on 15 points spread 0.01 apart, 7 units from the data's centre:
+    its sums about the centre would cancel (variance 1e-4 beside a squared shift of
+    49), and its sums about its own mean are used instead: no pass of the numeric step
+    over the data, and the same maximiser of Q as that step run to the end."""
+    rng = np.random.default_rng(5)
+    x = np.r_[rng.normal(0.0, 1.0, 400), -7.0 + rng.normal(0.0, 0.01, 15)]
+    model, _ = normal_halfnormal_on(x)
+    functions, auto = ppl_em.prepare(model)
+    assert auto.plan.from_statistics == {"mu", "sigma"}
+    numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=EXACT)
+    gamma = np.zeros((x.size, 2))
+    gamma[:400, 0], gamma[400:, 1] = 1.0, 1.0
+    gamma = 0.999999 * gamma + 0.0000005
+    u0 = default_start(functions, numeric, rng=None)
+    with monkeypatch.context() as patch:
+        patch.setattr(mstep_module, "maximise_q", _no_data_pass)
+        ua = m_step_from_resp(functions, auto, u0, gamma)
+    ub = m_step_from_resp(functions, numeric, u0, gamma)
+    a, b = functions.constrain(ua), functions.constrain(ub)
+    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
+        np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
+    # the narrow component's scale is the weighted sd of its points, its prior aside
+    spike = gamma[:, 1] / gamma[:, 1].sum()
+    sd = np.sqrt(spike @ (x - spike @ x) ** 2)
+    assert dict(zip(functions.layout.rv_names, a, strict=True))["sigma"][1] == pytest.approx(
+        sd, rel=1e-3
+    )
+
+
 def test_gaussian_regression_mixture_matches_a_numpy_em():
     """Weighted least squares per component: the fit equals an EM for a mixture of
     linear regressions written here in NumPy, from the same start."""
@@ -303,10 +336,11 @@ def test_gaussian_regression_mixture_matches_a_numpy_em():
         np.testing.assert_allclose(fit.params[name], ref, rtol=1e-8, err_msg=name)
 
 
-def test_statistics_newton_falls_back_to_the_data_where_sums_would_cancel(monkeypatch):
+def test_statistics_newton_recentres_where_sums_would_cancel(monkeypatch):
     """Components 2000 standard deviations apart: their second moments about the data's
-    mean would lose their variance to cancellation, so the block takes the numeric step
-    over the data, and still reaches Q's maximiser."""
+    mean would lose their variance to cancellation, so the block's sums are taken
+    again about each component's mean (one pass over the data, not the numeric step),
+    and Newton on them still reaches Q's maximiser."""
     x = np.concatenate([RNG.normal(-1e3, 1.0, N // 2), RNG.normal(1e3, 1.0, N - N // 2)])
     with pm.Model() as m:
         w = pm.Dirichlet("w", a=np.ones(2))
@@ -320,9 +354,11 @@ def test_statistics_newton_falls_back_to_the_data_where_sums_would_cancel(monkey
     gamma = np.where((x > 0)[:, None], [1e-9, 1 - 1e-9], [1 - 1e-9, 1e-9])
     u0 = default_start(functions, numeric, rng=None)
     calls = []
-    real = mstep_module.maximise_q
-    monkeypatch.setattr(mstep_module, "maximise_q", lambda *a: calls.append(1) or real(*a))
-    a = functions.constrain(m_step_from_resp(functions, exact, u0, gamma))
+    real = stats_newton._centred_sums
+    monkeypatch.setattr(stats_newton, "_centred_sums", lambda *a: calls.append(1) or real(*a))
+    with monkeypatch.context() as patch:
+        patch.setattr(mstep_module, "maximise_q", _no_data_pass)
+        a = functions.constrain(m_step_from_resp(functions, exact, u0, gamma))
     assert calls, "the cancelling sums were used"
     b = functions.constrain(m_step_from_resp(functions, numeric, u0, gamma))
     for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):

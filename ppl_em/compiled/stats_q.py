@@ -5,7 +5,7 @@ Hessian: an exact symbolic one took 14-33 s to compile cold, benchmarks/README.m
 For the families of :mod:`ppl_em.model.recognise` the expected complete-data
 log-likelihood depends on the data only through ``N_k`` and the weighted column sums
 (:mod:`ppl_em.steps.columns`). Per component k and item d, with ``S`` the weighted sum
-of ``x`` (a Normal's centred on ``c``, with ``S2`` the centred squares) and ``T`` the
+of ``x`` (a Normal's centred on ``c``, per component, with ``S2`` the centred squares) and ``T`` the
 weighted trials:
 
 * Normal:      ``-N (log 2 pi / 2 + log sigma) - (S2 - 2 (mu - c) S + N (mu - c)^2) / (2 sigma^2)``
@@ -45,6 +45,12 @@ class StatsQ(NamedTuple):
     index: np.ndarray
     q: object
 
+    def restarted(self) -> StatsQ:
+        """This block with Q's count of calls at zero (see :class:`SwitchingFunction`)."""
+        if isinstance(self.q, SwitchingFunction):
+            return self._replace(q=self.q.restarted())
+        return self
+
 
 # Calls on NumPy-backed Ops before Q is compiled to C: about 0.4 s of them, a fit of
 # some 25 EM iterations (benchmarks/README.md).
@@ -55,12 +61,24 @@ class SwitchingFunction:
     """Q and its gradient on NumPy-backed Ops (0.3 s to compile, 430 us a call) for the
     first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile cold, 20 us a
     call). Newton calls it dozens of times per M-step: a short fit never pays for C, a
-    longer one pays at most about 0.4 s before switching."""
+    longer one pays at most about 0.4 s before switching.
 
-    def __init__(self, inputs: list, outputs: list) -> None:
-        self._python = LazyFunction(inputs, outputs, backend_mode("python"))
-        self._c = LazyFunction(inputs, outputs, backend_mode("c"))
-        self._calls = 0  # a race between threads only moves the switch by a call
+    The two round differently, and a flat objective (a stick-breaking prior's spare
+    components) carries that difference far, so the switch must fall in the same place
+    in every fit: each fit counts from zero on a :meth:`restarted` copy (the compiled
+    functions are shared)."""
+
+    def __init__(self, python: LazyFunction, c: LazyFunction) -> None:
+        self._python, self._c = python, c
+        self._calls = 0
+
+    @classmethod
+    def of(cls, inputs: list, outputs: list) -> SwitchingFunction:
+        return cls(LazyFunction(inputs, outputs, backend_mode("python")),
+                   LazyFunction(inputs, outputs, backend_mode("c")))  # fmt: skip
+
+    def restarted(self) -> SwitchingFunction:
+        return SwitchingFunction(self._python, self._c)
 
     def __call__(self, *args):
         self._calls += 1
@@ -92,7 +110,7 @@ def _inputs(block: Block) -> list:
         return [pt.tensor3("a", dtype="float64"), pt.matrix("r", dtype="float64"),
                 pt.vector("yy", dtype="float64")]  # fmt: skip
     matrices = [pt.matrix(name, dtype="float64") for name in ("s", "s2", "trials")]
-    return [*matrices, pt.vector("centre", dtype="float64")]
+    return [*matrices, pt.matrix("centre", dtype="float64")]
 
 
 def _linear_q(block: Block, p: dict, nk, a, r, yy):
@@ -118,7 +136,7 @@ def _family_q(block: Block, p: dict, nk, *stats):
     s, s2, trials, centre = stats
     n = nk[:, None]
     if block.family == "normal":
-        dev = p["mu"] - centre[None, :]
+        dev = p["mu"] - centre
         m2 = s2 - 2 * dev * s + n * dev**2
         sigma = p["sigma"]
         return (-n * (0.5 * LOG_2PI + pt.log(sigma)) - m2 / (2 * sigma**2)).sum()
@@ -166,5 +184,5 @@ def compile_stats_q(functions: EMFunctions, block: Block) -> StatsQ:
     if functions.compiled_rows:
         q = LazyFunction(inputs, outputs, backend_mode("c"))
     else:
-        q = SwitchingFunction(inputs, outputs)
+        q = SwitchingFunction.of(inputs, outputs)
     return StatsQ(np.flatnonzero(layout.mask(names)), q)

@@ -47,7 +47,11 @@ def update(stopping: Stopping, history: list[float]) -> Stopping:
 
 
 def gap(stopping: Stopping, history: list[float]) -> float:
-    """Aitken's estimate of what the objective has still to gain after its last value."""
+    """Aitken's estimate of what the objective has still to gain after its last value
+    (unknown, so infinite, before a step has been measured: a run cut short right
+    after a marginal ascent)."""
+    if len(history) < 2:
+        return np.inf
     d_last = history[-1] - history[-2]
     if abs(d_last) <= _floor(history[-1]):
         # The objective no longer moves measurably: the rate, if known, says how far

@@ -34,9 +34,16 @@ from ppl_em.steps.numeric import curvature_scales
 SLOW_RATE = 0.9
 CRAWL = 50
 # Where nothing else compiles Q's gradient (no numeric variables), an ascent is worth
-# it only when the crawl it saves, at EM's pace, would take longer than this many
-# seconds: compiling that gradient to C takes tens of seconds on a cold cache.
+# it only when the crawl it saves would take longer than this many seconds (compiling
+# that gradient to C takes tens of seconds on a cold cache), or would not end within
+# max_iter. The crawl's seconds are estimated, not timed, so that a fit's path does
+# not depend on the machine's load: an iteration of such an M-step takes about
+# ITERATION_SECONDS plus CELL_SECONDS per responsibility (observation x component):
+# 5.3 ms at 300 x 4 and 39 ms at 10^4 x 20 (stick-breaking weights, Newton on the
+# statistics; benchmarks/README.md).
 COMPILE_WORTH = 20.0
+ITERATION_SECONDS = 5e-3
+CELL_SECONDS = 1.7e-7
 # EM iterations between two ascents: the rate is re-measured from EM's own steps.
 SPACING = 10
 # Evaluations (each an E-step and a Q gradient) per ascent.
@@ -56,16 +63,23 @@ class Ascent(NamedTuple):
 
 
 def crawling(
-    rate: float | None, gap: float, gap_tol: float, q_compiled: bool = True, pace: float = 0.0
+    rate: float | None,
+    gap: float,
+    gap_tol: float,
+    q_compiled: bool = True,
+    cells: float = 0.0,
+    remaining: float = np.inf,
 ) -> bool:
     """Whether EM's rate ``r`` predicts more than ``CRAWL`` iterations to bring the
     estimated remaining gain ``gap`` below ``gap_tol`` (the gap shrinks by ``r`` per
-    iteration) and, unless Q's gradient is compiled anyway (``q_compiled``), that many
-    iterations at ``pace`` seconds each take more than ``COMPILE_WORTH``."""
+    iteration) and, unless Q's gradient is compiled anyway (``q_compiled``), more than
+    the ``remaining`` iterations or more than ``COMPILE_WORTH`` seconds of iterations
+    over ``cells`` responsibilities."""
     if rate is None or not SLOW_RATE <= rate < 1.0 or not gap_tol < gap < np.inf:
         return False
     left = float(np.log(gap_tol / gap) / np.log(rate))
-    return left > CRAWL and (q_compiled or left * pace > COMPILE_WORTH)
+    seconds = left * (ITERATION_SECONDS + CELL_SECONDS * cells)
+    return left > CRAWL and (q_compiled or left > remaining or seconds > COMPILE_WORTH)
 
 
 def ascends(config: MStepConfig) -> bool:

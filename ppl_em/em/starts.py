@@ -75,7 +75,7 @@ def initial_u(functions: EMFunctions) -> np.ndarray:
     from there."""
     layout = functions.layout
     try:
-        point = functions.graph.model.initial_point()
+        point = functions.initial_point()
     except NotImplementedError:
         return np.zeros(layout.size)
     u = np.concatenate([np.reshape(point[n], -1) for n in layout.value_names] or [[]])

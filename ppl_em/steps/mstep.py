@@ -108,6 +108,13 @@ def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
     return config._replace(plan=plan._replace(blocks=blocks, mvn=mvn))
 
 
+def restarted(config: MStepConfig) -> MStepConfig:
+    """``config`` for a new fit: its blocks' Q count calls from zero, so every fit of
+    one prepared model takes the same arithmetic
+    (:class:`ppl_em.compiled.stats_q.SwitchingFunction`)."""
+    return config._replace(statistics=tuple(sq.restarted() for sq in config.statistics))
+
+
 def _set_closed(functions: EMFunctions, config: MStepConfig, u, values: dict) -> np.ndarray:
     """``u`` with the closed-form variables set to the constrained ``values``."""
     layout = functions.layout
@@ -156,7 +163,7 @@ def _statistics_blocks(functions, config: MStepConfig, u: np.ndarray, ex: Expect
     finish gets the numeric step over the data instead."""
     first = len(config.plan.blocks)
     for i, (block, sq) in enumerate(zip(config.plan.statistics, config.statistics, strict=True)):
-        arrays = block_statistics(ex.stats, ex.request, first + i, block)
+        arrays = block_statistics(ex.stats, ex.request, first + i, block, ex.batches)
         new = None if arrays is None else statistics_update(sq, u, arrays)
         if new is None:
             mask = np.zeros_like(config.numeric_mask)

@@ -30,10 +30,13 @@ from ppl_em.steps.stats import TINY, Stats
 DECREMENT_TOL = 1e-6
 
 
-def block_statistics(stats: Stats, request: StatsRequest, b: int, block: Block):
+def block_statistics(stats: Stats, request: StatsRequest, b: int, block: Block, batches=None):
     """``(nk, S, S2, T, centre)`` of block ``b`` (``plan.all_blocks`` numbering) for its
     compiled Q (``(nk, A, r, yy)`` for a Gaussian regression), or None when its sums of
-    squares would cancel in float64."""
+    squares would cancel in float64. A Normal block whose sums about the data's centre
+    would cancel (a component narrow beside its distance from it: a stick-breaking
+    prior's spare component on a few points) gets its sums about each component's own
+    mean instead, by one pass over ``batches``."""
     k, d = stats.nk.size, block.items
     if block.family == "weights_graph":
         return (stats.nk,)
@@ -42,12 +45,29 @@ def block_statistics(stats: Stats, request: StatsRequest, b: int, block: Block):
         _, rss = least_squares(a, r, yy)
         return (stats.nk, a, r, yy) if np.all(rss > CANCELLATION_RSS * yy) else None
     s, s2, trials = (role_sums(stats, request, b, role, d) for role in ("x", "xx", "n"))
-    centre = np.asarray(request.offsets.get(b, np.zeros(d)), dtype=float)
+    centre = np.ones((k, 1)) * np.asarray(request.offsets.get(b, np.zeros(d)), dtype=float)
     if block.family == "normal":
         nk = np.maximum(stats.nk, TINY)[:, None] * np.ones((1, d))
         if second_moments(nk, s, s2, np.zeros((k, d))) is None:
-            return None
+            if batches is None:
+                return None
+            centre = centre + s / nk
+            s, s2 = _centred_sums(batches, block, request.names, centre)
+            if second_moments(nk, s, s2, np.zeros((k, d))) is None:
+                return None
     return stats.nk, s, s2, trials, centre
+
+
+def _centred_sums(batches, block: Block, names, centre: np.ndarray):
+    """``sum gamma (x - c_k)`` and ``sum gamma (x - c_k)^2`` per (k, d) from the data."""
+    col = names.index(block.data_name)
+    s, s2 = np.zeros_like(centre), np.zeros_like(centre)
+    for gamma_t, chunk in batches():
+        x = np.asarray(chunk.arrays[col], dtype=float).reshape(-1, block.items)
+        dev = x[None, :, :] - centre[:, None, :]
+        s += np.einsum("kn,knd->kd", gamma_t, dev)
+        s2 += np.einsum("kn,knd->kd", gamma_t, dev**2)
+    return s, s2
 
 
 def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
