@@ -5,8 +5,8 @@ Hessian: an exact symbolic one took 14-33 s to compile cold, benchmarks/README.m
 For the families of :mod:`ppl_em.model.recognise` the expected complete-data
 log-likelihood depends on the data only through ``N_k`` and the weighted column sums
 (:mod:`ppl_em.steps.columns`). Per component k and item d, with ``S`` the weighted sum
-of ``x`` (a Normal's centred on ``c``, per component, with ``S2`` the centred squares) and ``T`` the
-weighted trials:
+of ``x`` (a Normal's centred on ``c``, one per component, with ``S2`` the centred
+squares) and ``T`` the weighted trials:
 
 * Normal:      ``-N (log 2 pi / 2 + log sigma) - (S2 - 2 (mu - c) S + N (mu - c)^2) / (2 sigma^2)``
 * Poisson:     ``S log mu - N mu``   (without ``log x!``, constant in the parameters)
@@ -46,7 +46,7 @@ class StatsQ(NamedTuple):
     q: object
 
     def restarted(self) -> StatsQ:
-        """This block with Q's count of calls at zero (see :class:`SwitchingFunction`)."""
+        """This block for a new fit (see :class:`SwitchingFunction`)."""
         if isinstance(self.q, SwitchingFunction):
             return self._replace(q=self.q.restarted())
         return self
@@ -64,13 +64,15 @@ class SwitchingFunction:
     longer one pays at most about 0.4 s before switching.
 
     The two round differently, and a flat objective (a stick-breaking prior's spare
-    components) carries that difference far, so the switch must fall in the same place
-    in every fit: each fit counts from zero on a :meth:`restarted` copy (the compiled
-    functions are shared)."""
+    components) carries that difference far, so where the switch falls is decided per
+    fit, on a :meth:`restarted` copy (the compiled functions are shared): a fit counts
+    its own calls, or runs C throughout once an earlier fit has compiled it. Fits of
+    freshly prepared models, and every later fit of one prepared model, then take the
+    same arithmetic."""
 
-    def __init__(self, python: LazyFunction, c: LazyFunction) -> None:
+    def __init__(self, python: LazyFunction, c: LazyFunction, calls: int = 0) -> None:
         self._python, self._c = python, c
-        self._calls = 0
+        self._calls = calls
 
     @classmethod
     def of(cls, inputs: list, outputs: list) -> SwitchingFunction:
@@ -78,7 +80,8 @@ class SwitchingFunction:
                    LazyFunction(inputs, outputs, backend_mode("c")))  # fmt: skip
 
     def restarted(self) -> SwitchingFunction:
-        return SwitchingFunction(self._python, self._c)
+        calls = SWITCH_CALLS if self._c.is_compiled else 0
+        return SwitchingFunction(self._python, self._c, calls)
 
     def __call__(self, *args):
         self._calls += 1

@@ -109,9 +109,8 @@ def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
 
 
 def restarted(config: MStepConfig) -> MStepConfig:
-    """``config`` for a new fit: its blocks' Q count calls from zero, so every fit of
-    one prepared model takes the same arithmetic
-    (:class:`ppl_em.compiled.stats_q.SwitchingFunction`)."""
+    """``config`` for a new fit: where its blocks' Q switch from NumPy-backed Ops to C
+    is decided by this fit alone (:class:`ppl_em.compiled.stats_q.SwitchingFunction`)."""
     return config._replace(statistics=tuple(sq.restarted() for sq in config.statistics))
 
 
