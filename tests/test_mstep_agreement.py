@@ -252,6 +252,24 @@ def stick_breaking_weights():
     return m, {"v"}
 
 
+def _newton_equals_numeric(prepared, expected: set, gamma, monkeypatch):
+    """One M-step from ``gamma`` by Newton on the statistics (no pass of the numeric
+    step over the data allowed) and by the numeric step run to the end: the same
+    maximiser. Returns both flat results and Newton's, constrained, by name."""
+    functions, auto = prepared
+    assert auto.plan.from_statistics == expected
+    numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=EXACT)
+    u0 = default_start(functions, numeric, rng=None)
+    with monkeypatch.context() as patch:
+        patch.setattr(mstep_module, "maximise_q", _no_data_pass)
+        ua = m_step_from_resp(functions, auto, u0, gamma)
+    ub = m_step_from_resp(functions, numeric, u0, gamma)
+    a, b = functions.constrain(ua), functions.constrain(ub)
+    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
+        np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
+    return ua, ub, dict(zip(functions.layout.rv_names, a, strict=True))
+
+
 STATISTICS_CASES = [stick_breaking_weights, gaussian_regression_priors, normal_halfnormal,
                     diagonal_lognormal_scales, poisson_lognormal, lca_sharp_beta,
                     binomial_trials_per_observation, exponential_halfnormal_scale]  # fmt: skip
@@ -262,19 +280,11 @@ def test_statistics_newton_equals_the_numeric_maximiser_of_q(case, monkeypatch):
     """Newton on Q written in the E-step's statistics reaches the maximiser of Q summed
     over the data (the numeric M-step run to the end) from the same responsibilities."""
     model, expected = case()
-    functions, auto = ppl_em.prepare(model)
-    assert auto.plan.from_statistics == expected
-    numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=EXACT)
-    u0 = default_start(functions, numeric, rng=None)
+    prepared = ppl_em.prepare(model)
+    functions = prepared.functions
     k = functions.graph.n_components
     gamma = RNG.dirichlet(np.ones(k), size=functions.graph.n_obs)
-    with monkeypatch.context() as patch:  # no fallback to the pass over the data
-        patch.setattr(mstep_module, "maximise_q", _no_data_pass)
-        ua = m_step_from_resp(functions, auto, u0, gamma)
-    ub = m_step_from_resp(functions, numeric, u0, gamma)
-    a, b = functions.constrain(ua), functions.constrain(ub)
-    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
-        np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
+    ua, ub, _ = _newton_equals_numeric(prepared, expected, gamma, monkeypatch)
     batches = [(np.ascontiguousarray(gamma.T), whole_data(functions))]
     qa, _ = q_and_grad(functions, ua, batches)
     qb, _ = q_and_grad(functions, ub, batches)
@@ -288,27 +298,15 @@ def test_a_narrow_component_far_from_the_centre_keeps_the_statistics_newton(monk
     over the data, and the same maximiser of Q as that step run to the end."""
     rng = np.random.default_rng(5)
     x = np.r_[rng.normal(0.0, 1.0, 400), -7.0 + rng.normal(0.0, 0.01, 15)]
-    model, _ = normal_halfnormal_on(x)
-    functions, auto = ppl_em.prepare(model)
-    assert auto.plan.from_statistics == {"mu", "sigma"}
-    numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=EXACT)
     gamma = np.zeros((x.size, 2))
     gamma[:400, 0], gamma[400:, 1] = 1.0, 1.0
     gamma = 0.999999 * gamma + 0.0000005
-    u0 = default_start(functions, numeric, rng=None)
-    with monkeypatch.context() as patch:
-        patch.setattr(mstep_module, "maximise_q", _no_data_pass)
-        ua = m_step_from_resp(functions, auto, u0, gamma)
-    ub = m_step_from_resp(functions, numeric, u0, gamma)
-    a, b = functions.constrain(ua), functions.constrain(ub)
-    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
-        np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
+    model, expected = normal_halfnormal_on(x)
+    *_, a = _newton_equals_numeric(ppl_em.prepare(model), expected, gamma, monkeypatch)
     # the narrow component's scale is the weighted sd of its points, its prior aside
     spike = gamma[:, 1] / gamma[:, 1].sum()
     sd = np.sqrt(spike @ (x - spike @ x) ** 2)
-    assert dict(zip(functions.layout.rv_names, a, strict=True))["sigma"][1] == pytest.approx(
-        sd, rel=1e-3
-    )
+    assert a["sigma"][1] == pytest.approx(sd, rel=1e-3)
 
 
 def test_gaussian_regression_mixture_matches_a_numpy_em():
