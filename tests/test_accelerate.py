@@ -166,3 +166,46 @@ def test_marginal_ascents_run_only_where_em_crawls_on_a_non_closed_form_m_step(p
     prepared, u0 = problem
     assert not ascends(prepared.config)
     np.testing.assert_array_equal(_run(prepared, u0, "auto").history, plain_run.history)
+
+
+@pytest.mark.parametrize("spike", [False, True], ids=["plain", "recentred"])
+def test_an_ascent_reads_q_from_the_statistics_where_they_cover_every_variable(spike, monkeypatch):
+    """Stick-breaking sticks and Normal components with priors: every variable is in a
+    block maximised from the statistics, so the ascent's Q (responsibilities held) is
+    the sum of those blocks' Q of the E-step's sums, with no pass over the data. Its
+    gradient, the marginal gradient by Fisher's identity, equals Q's over the data,
+    also where a component on a few points makes the sums be recentred."""
+    import pytensor.tensor as pt
+
+    from ppl_em.em.marginal import _q_at, statistics_cover
+    from ppl_em.em.step import em_data
+    from ppl_em.steps import stats_newton
+    from ppl_em.steps.estep import q_and_grad
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(np.array([-3.0, 2.0])[rng.integers(0, 2, 400)], 1.0)
+    if spike:
+        x = np.r_[x, 9.0 + rng.normal(0.0, 0.01, 5)]
+    with pm.Model() as model:
+        v = pm.Beta("v", 1.0, 2.0, shape=4)
+        w = v * pt.concatenate([[1.0], pt.extra_ops.cumprod(1 - v)[:-1]])
+        mu = pm.Normal("mu", 0.0, 10.0, shape=4)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=4)
+        pm.NormalMixture("x", w=w / w.sum(), mu=mu, sigma=sigma, observed=x)
+    functions, config = ppl_em.prepare(model)
+    near = {"v": [0.4, 0.5, 0.1, 0.5], "mu": [-3.0, 2.0, 9.0, 0.0],
+            "sigma": [1.0, 1.0, 0.01 if spike else 1.0, 1.0]}  # fmt: skip
+    u = apply_start(functions, near, np.zeros(functions.layout.size))
+    assert statistics_cover(config, u.size)
+    data = em_data(functions, config)
+    state = em_init(functions, u, config, data, keep_resp=True)
+    _, q_functions, batches = data.expectations(functions, state)
+    reference = q_and_grad(q_functions, u, batches())[1]
+    recentred = []
+    real = stats_newton._centred_sums
+    monkeypatch.setattr(stats_newton, "_centred_sums", lambda *a: recentred.append(1) or real(*a))
+    q_at = _q_at(functions, config, state, data)
+    assert q_at.__name__ == "from_statistics"
+    np.testing.assert_allclose(q_at(u)[1], reference,
+                               rtol=1e-9, atol=1e-9 * np.abs(reference).max())  # fmt: skip
+    assert bool(recentred) == spike

@@ -9,7 +9,7 @@ import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.em import convergence
-from ppl_em.em.marginal import SPACING, ascends, crawling, marginal_ascent
+from ppl_em.em.marginal import SPACING, ascends, crawling, marginal_ascent, statistics_cover
 from ppl_em.em.progress import Progress
 from ppl_em.em.squarem import SquaremCycle, stepper
 from ppl_em.em.step import EMData, EMState, em_data, em_init
@@ -138,7 +138,8 @@ def run_em(
     history, monotone, n_estep = [state.objective], True, 1
     converged, stalled, stopping = False, None, convergence.Stopping()
     since, ascend = 0, accelerate == "auto" and ascends(config)  # rate from history[since:]
-    q_compiled = bool(config.numeric_mask.any())
+    # Q over the data compiled anyway, or not needed by an ascent
+    q_compiled = bool(config.numeric_mask.any()) or statistics_cover(config, u0.size)
     with Progress(max_iter, enabled=progressbar) as bar:
         for count in range(1, max_iter + 1):
             cycle, stalled = _stalled_step(step, functions, config, state, data)
