@@ -6,7 +6,9 @@ observation, the superfluous weights of a stick-breaking prior) EM needs thousan
 iterations. The marginal objective ``l(u)`` and its gradient are both at hand in EM's
 own pieces: ``l`` is the E-step's objective, and by Fisher's identity
 ``dl/du = dQ(u' | u)/du'`` at ``u' = u``, the gradient of Q with the responsibilities
-at ``u`` (the compiled ``q_and_grad`` of the numeric M-step).
+at ``u`` (the compiled ``q_and_grad`` of the numeric M-step, or, where every variable
+is in a block maximised from the statistics, those blocks' compiled Q of the E-step's
+sums).
 
 :func:`marginal_ascent` runs L-BFGS on ``l`` from the point EM has reached, in
 coordinates scaled by Q's curvature there (one unit is about one standard error under
@@ -34,8 +36,9 @@ from ppl_em.steps.stats_newton import block_statistics
 # CRAWL further iterations before the estimated gap falls below the tolerance.
 SLOW_RATE = 0.9
 CRAWL = 50
-# Where nothing else compiles Q's gradient (no numeric variables), an ascent is worth
-# it only when the crawl it saves would take longer than this many seconds (compiling
+# Where an ascent needs Q's gradient over the data (a variable outside the statistics
+# blocks) and nothing else compiles it (no numeric variables), an ascent is worth it
+# only when the crawl it saves would take longer than this many seconds (compiling
 # that gradient to C takes tens of seconds on a cold cache), or would not end within
 # max_iter. The crawl's seconds are estimated, not timed, so that a fit's path does
 # not depend on the machine's load: an iteration of such an M-step takes about
