@@ -2,6 +2,7 @@
 
 import numpy as np
 import pymc as pm
+import pytensor.tensor as pt
 
 
 def coin_label(x, n=10):
@@ -63,4 +64,16 @@ def mvnormal_mixture(x):
         ]
         comps = [pm.MvNormal.dist(mu=mu[k], chol=chol[k]) for k in range(2)]
         pm.Mixture("x", w=w, comp_dists=comps, observed=x)
+    return model
+
+
+def stick_breaking(x, k: int):
+    """PyMC's stick-breaking example with priors on every variable: Beta(1, 2) sticks,
+    Normal(0, 10) means, HalfNormal(5) scales; all maximised from the statistics."""
+    with pm.Model() as model:
+        v = pm.Beta("v", 1.0, 2.0, shape=k)
+        w = v * pt.concatenate([[1.0], pt.extra_ops.cumprod(1 - v)[:-1]])
+        mu = pm.Normal("mu", 0.0, 10.0, shape=k)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=k)
+        pm.NormalMixture("x", w=w / w.sum(), mu=mu, sigma=sigma, observed=x)
     return model

@@ -11,6 +11,7 @@ from ppl_em.em import apply_start, em_init, em_step, run_em
 from ppl_em.em.squarem import extrapolate, squarem_alpha, squarem_step
 from ppl_em.steps.passes import fused_estep
 from tests.conftest import assert_monotone
+from tests.models_for_tests import stick_breaking
 
 
 def overlapping_gaussian(n=1500, seed=1):
@@ -175,8 +176,6 @@ def test_an_ascent_reads_q_from_the_statistics_where_they_cover_every_variable(s
     the sum of those blocks' Q of the E-step's sums, with no pass over the data. Its
     gradient, the marginal gradient by Fisher's identity, equals Q's over the data,
     also where a component on a few points makes the sums be recentred."""
-    import pytensor.tensor as pt
-
     from ppl_em.em.marginal import _q_at, statistics_cover
     from ppl_em.em.step import em_data
     from ppl_em.steps import stats_newton
@@ -186,13 +185,7 @@ def test_an_ascent_reads_q_from_the_statistics_where_they_cover_every_variable(s
     x = rng.normal(np.array([-3.0, 2.0])[rng.integers(0, 2, 400)], 1.0)
     if spike:
         x = np.r_[x, 9.0 + rng.normal(0.0, 0.01, 5)]
-    with pm.Model() as model:
-        v = pm.Beta("v", 1.0, 2.0, shape=4)
-        w = v * pt.concatenate([[1.0], pt.extra_ops.cumprod(1 - v)[:-1]])
-        mu = pm.Normal("mu", 0.0, 10.0, shape=4)
-        sigma = pm.HalfNormal("sigma", 5.0, shape=4)
-        pm.NormalMixture("x", w=w / w.sum(), mu=mu, sigma=sigma, observed=x)
-    functions, config = ppl_em.prepare(model)
+    functions, config = ppl_em.prepare(stick_breaking(x, 4))
     near = {"v": [0.4, 0.5, 0.1, 0.5], "mu": [-3.0, 2.0, 9.0, 0.0],
             "sigma": [1.0, 1.0, 0.01 if spike else 1.0, 1.0]}  # fmt: skip
     u = apply_start(functions, near, np.zeros(functions.layout.size))

@@ -22,7 +22,7 @@ from ppl_em.em import loop as em_loop
 from ppl_em.inference.crosscheck import marginal_model
 from ppl_em.steps import make_mstep_config
 from tests.conftest import numpy_ops
-from tests.models_for_tests import coin_label, gaussian_data
+from tests.models_for_tests import coin_label, gaussian_data, stick_breaking
 
 X = gaussian_data(600, seed=0)
 SCALES = [1e-8, 1e-4, 1.0, 1e4, 1e8]
@@ -236,12 +236,7 @@ def test_the_same_fit_gives_the_same_answer_bit_for_bit(monkeypatch):
     depends on its inputs and on whether Q's C version was compiled before it (then it
     runs C throughout), and not on the clock."""
     x = np.random.default_rng(3).normal(np.array([-4.0, 0.0, 3.0])[np.arange(300) % 3], 1.0)
-    with pm.Model() as model:
-        v = pm.Beta("v", 1.0, 2.0, shape=8)
-        w = v * pt.concatenate([[1.0], pt.extra_ops.cumprod(1 - v)[:-1]])
-        mu = pm.Normal("mu", 0.0, 10.0, shape=8)
-        sigma = pm.HalfNormal("sigma", 5.0, shape=8)
-        pm.NormalMixture("x", w=w / w.sum(), mu=mu, sigma=sigma, observed=x)
+    model = stick_breaking(x, 8)
     ascents = []
     ascent = em_loop.marginal_ascent
     monkeypatch.setattr(em_loop, "marginal_ascent", lambda *a: ascents.append(1) or ascent(*a))
