@@ -67,8 +67,8 @@ class SwitchingFunction:
     components) carries that difference far, so where the switch falls is decided per
     fit, on a :meth:`restarted` copy (the compiled functions are shared): a fit counts
     its own calls, or runs C throughout once an earlier fit has compiled it. Fits of
-    freshly prepared models, and every later fit of one prepared model, then take the
-    same arithmetic."""
+    freshly prepared models take the same arithmetic, and so do the fits of one
+    prepared model once its C version is compiled."""
 
     def __init__(self, python: LazyFunction, c: LazyFunction, calls: int = 0) -> None:
         self._python, self._c = python, c
