@@ -16,7 +16,8 @@ from ppl_em.em import EMData, default_start, em_data, em_init, em_step
 from ppl_em.model import analyse_model, build_plan, data_spec
 from ppl_em.steps import Stats, m_step_from_resp, make_mstep_config, q_and_grad, whole_data
 from ppl_em.steps.columns import StatsRequest
-from ppl_em.steps.mvn_solve import solve_params, weighted_moments
+from ppl_em.steps.mvn_moments import weighted_moments
+from ppl_em.steps.mvn_solve import solve_params
 from tests.conftest import EXACT
 
 RNG = np.random.default_rng(11)
@@ -226,7 +227,7 @@ def _fused_moments(x: np.ndarray, log_gamma: np.ndarray):
     from ppl_em.model.mvn_spec import MvnSpec
     from ppl_em.model.recognise import ClosedFormPlan
     from ppl_em.steps.columns import stats_request
-    from ppl_em.steps.mvn_solve import moments_from_stats
+    from ppl_em.steps.mvn_moments import moments_from_stats
     from ppl_em.steps.passes import fused_estep
 
     plan = ClosedFormPlan((), frozenset(), {}, (MvnSpec("x", (), None, None),))

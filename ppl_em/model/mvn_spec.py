@@ -19,8 +19,13 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 from pymc.distributions.continuous import FlatRV, HalfFlatRV
+from pytensor.graph.basic import equal_computations
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor import TensorVariable
+from pytensor.tensor.basic import Join
+from pytensor.tensor.blockwise import Blockwise
+from pytensor.tensor.elemwise import DimShuffle
+from pytensor.tensor.math import Dot
 from pytensor.tensor.random.basic import MvNormalRV, UniformRV
 
 from ppl_em.model.graph import MixtureGraph, direct_users
@@ -31,7 +36,8 @@ class MvnSpec(NamedTuple):
     variables of ``rvs``; ``tied`` when one covariance is shared by the components
     (then the M-step's target is the pooled covariance); ``missing`` when its data have
     missing coordinates (then the target is Little and Rubin's, from conditional
-    moments)."""
+    moments); ``factor`` (K, D, D) when the model builds each covariance as
+    ``L @ L.mT`` (PyMC's ``MvNormal(chol=...)``), as a graph of the same variables."""
 
     data_name: str
     rvs: tuple[TensorVariable, ...]
@@ -40,6 +46,7 @@ class MvnSpec(NamedTuple):
     reg_covar: float = 0.0
     tied: bool = False
     missing: bool = False
+    factor: TensorVariable | None = None
 
 
 def _label_params(graph: MixtureGraph, dist: TensorVariable):
@@ -106,6 +113,40 @@ def _block_params(graph: MixtureGraph, dist: TensorVariable | None):
     return mu, cov, name
 
 
+def _is_transpose_of(var: TensorVariable, base: TensorVariable) -> bool:
+    """``var`` is ``base.mT``: a DimShuffle swapping the last two axes of ``base`` (or of
+    the same graph built twice, as ``chol[j] @ chol[j].T`` does)."""
+    node = var.owner
+    if node is None or not isinstance(node.op, DimShuffle):
+        return False
+    if not equal_computations([node.inputs[0]], [base]):
+        return False
+    nd = base.ndim
+    return tuple(node.op.new_order) == (*range(nd - 2), nd - 1, nd - 2)
+
+
+def _factor(cov: TensorVariable) -> TensorVariable | None:
+    """``L`` with ``cov = L @ L.mT`` read off the graph (through the stacking of
+    components and axes added or dropped in front), or None. Nothing here says ``L``
+    is a Cholesky factor: the M-step checks that its solve reproduces the covariance."""
+    node = cov.owner
+    if node is None:
+        return None
+    op = node.op
+    if isinstance(op, Blockwise) and isinstance(op.core_op, Dot):
+        a, b = node.inputs
+        return a if _is_transpose_of(b, a) else None
+    if isinstance(op, Join):
+        parts = [_factor(p) for p in node.inputs[1:]]
+        return None if any(p is None for p in parts) else pt.join(node.inputs[0], *parts)
+    if isinstance(op, DimShuffle) and cov.ndim >= 2:
+        nd = node.inputs[0].ndim
+        keeps_core = tuple(op.new_order[-2:]) == (nd - 2, nd - 1)
+        inner = _factor(node.inputs[0]) if keeps_core and nd >= 2 else None
+        return None if inner is None else op(inner)
+    return None
+
+
 def _constant_density(rv: TensorVariable) -> bool:
     return isinstance(rv.owner.op, FlatRV | HalfFlatRV | UniformRV)
 
@@ -170,7 +211,8 @@ def mvn_specs(graph: MixtureGraph, mode: str) -> tuple[list[MvnSpec], dict[str, 
         tied = _tied(graph, cov, mu.type.shape[1])
         reason = _owned_reason(graph, rvs, owners, weights, mode, mu.type.shape, tied)
         if reason is None:
-            specs.append(MvnSpec(name, rvs, mu, cov, tied=tied, missing=missing))
+            factor = None if tied else _factor(cov)
+            specs.append(MvnSpec(name, rvs, mu, cov, tied=tied, missing=missing, factor=factor))
         else:
             reasons.update({r.name: reason for r in rvs})
     return specs, reasons

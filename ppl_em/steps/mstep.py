@@ -24,15 +24,13 @@ from ppl_em.steps.closed_form import Batches, closed_form_update
 from ppl_em.steps.columns import StatsRequest, stats_request
 from ppl_em.steps.estep import whole_data
 from ppl_em.steps.glm import GlmSpec, glm_hessian, glm_specs, known, local
-from ppl_em.steps.mvn_solve import (
-    MvnUpdate,
-    compile_update,
+from ppl_em.steps.mvn_moments import (
     moments_from_stats,
     moments_missing,
     moments_two_pass,
     pooled_covariance,
-    solve_params,
 )
+from ppl_em.steps.mvn_solve import MvnUpdate, compile_update, solve_params
 from ppl_em.steps.numeric import maximise_q
 from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
 from ppl_em.steps.stats_newton import block_statistics, statistics_update

@@ -1,16 +1,20 @@
-"""Map closed-form MvNormal moments back to the free variables, and the moments themselves.
+"""Map the closed-form MvNormal moments back to the free variables.
 
-The closed-form ``(mu_k, Sigma_k)`` (weighted means and covariances, from the E-step's
-statistics or, where those would cancel, from the responsibilities) are mapped back to
+The closed-form ``(mu_k, Sigma_k)`` (:mod:`ppl_em.steps.mvn_moments`) are mapped back to
 the free variables by solving ``params(u) = target`` on the model's own compiled
 parameter map (:mod:`ppl_em.compiled.mvn_map`): Newton's method from the previous
 solution, one forward-difference Jacobian (grouped by sparsity) serving several steps
-while they converge fast (near convergence: one Jacobian, two steps, nine evaluations
-of the map), Levenberg-Marquardt if that stalls. The residual is whitened by the target
-covariance and takes the lower triangle of the covariance, so a one-to-one map gives a
-square system. That solve has ``K (D + D(D+1)/2)`` unknowns and nothing in it grows
-with N. If a solve misses the target, the M-step
-maximises Q numerically over those variables instead.
+while they converge fast, Levenberg-Marquardt if that stalls. The residual is whitened
+by the target covariance and takes the lower triangle, so a one-to-one map gives a
+square system of ``K (D + D(D+1)/2)`` unknowns; nothing in it grows with N.
+
+Where the model builds each covariance as ``L @ L.mT`` (``MvNormal(chol=...)``), the
+solve targets the Cholesky factor instead: the free values usually set the factor's
+entries one each (free entries, ``LKJCholeskyCov``'s packed factor), so its Jacobian is
+one forward difference where the covariance's takes one per row of the factor. A factor
+that does not reproduce the covariance (``L`` not lower triangular) falls back to the
+covariance's solve; a solve that misses the target leaves the block to the numeric
+M-step.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ from scipy.optimize import least_squares
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.compiled.mvn_map import compile_param_map
 from ppl_em.model.mvn_spec import MvnSpec
-from ppl_em.steps.columns import CANCELLATION_LIMIT
-from ppl_em.steps.stats import TINY
 
 # Largest whitened residual accepted as "params(u) reproduces the target": parameters
 # within 1e-9 relative of the weighted moments change Q by far less than EM's tol.
@@ -44,6 +46,8 @@ class MvnUpdate(NamedTuple):
     outputs, so one forward difference per group gives the whole Jacobian (components
     are independent, so that is about ``1/K`` of the entries); ``entries`` holds per
     group ``(group, outputs, entries)``, the Jacobian's nonzeros its difference fills.
+    ``factor``, where the model has one, is the same for ``concat(mu.ravel(),
+    L.ravel())``.
     """
 
     mask: np.ndarray
@@ -51,120 +55,24 @@ class MvnUpdate(NamedTuple):
     pattern: np.ndarray
     groups: tuple[np.ndarray, ...]
     entries: tuple[tuple[np.ndarray, ...], ...]
+    factor: MvnUpdate | None = None
 
 
-def weighted_moments(gamma: np.ndarray, x: np.ndarray, reg_covar: float = 0.0):
-    """Responsibility-weighted means (K, D) and covariances (K, D, D), as scikit-learn's
-    ``_estimate_gaussian_parameters`` computes them (``reg_covar`` on the diagonal)."""
-    nk = np.maximum(gamma.sum(axis=0), TINY)
-    mu = (gamma.T @ x) / nk[:, None]
-    k, d = mu.shape
-    cov = np.empty((k, d, d))
-    for j in range(k):
-        dev = x - mu[j]
-        cov[j] = (gamma[:, j, None] * dev).T @ dev / nk[j]
-        cov[j].flat[:: d + 1] += reg_covar
-    return mu, cov
+class CovarianceOf(NamedTuple):
+    """``concat(mu.ravel(), cov.ravel())`` from a compiled map to ``concat(mu.ravel(),
+    L.ravel())``, with ``cov = L @ L.mT``: one compiled map serves both solves."""
+
+    factor_params: Callable
+    k: int
+    d: int
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        return covariance_params(self.factor_params(u), self.k, self.d)
 
 
-def moments_from_stats(nk: np.ndarray, stats, request, i: int, reg_covar: float = 0.0):
-    """Weighted means and covariances of MvNormal block ``i`` from the fused E-step's
-    sums (:mod:`ppl_em.steps.columns`); None if cancellation would cost accuracy (a
-    component whose offset from the data mean exceeds 100 of its standard deviations),
-    and then :func:`moments_two_pass` gives them."""
-    nk = np.maximum(nk, TINY)[:, None]
-    mean = request.mvn_means[i]
-    d = mean.shape[0]
-    col = {key[2:]: c for key, c in request.index.items() if key[:2] == ("mvn", i)}
-    first = [col[("x", a)] for a in range(d)]
-    second = [[col[("xx", min(a, b), max(a, b))] for b in range(d)] for a in range(d)]
-    shift = stats.s[first].T / nk
-    with np.errstate(over="ignore", invalid="ignore"):
-        cov = np.moveaxis(stats.s[second], 2, 0) / nk[:, :, None]
-        cov -= shift[:, :, None] * shift[:, None, :]
-    var = np.diagonal(cov, axis1=1, axis2=2)
-    if not (np.all(np.isfinite(var)) and np.all(shift**2 <= CANCELLATION_LIMIT * var)):
-        return None
-    cov[:, np.arange(d), np.arange(d)] += reg_covar
-    return mean + shift, cov
-
-
-def moments_two_pass(batches, name: str, names, reg_covar: float = 0.0):
-    """:func:`weighted_moments` chunk by chunk: the means in one pass over the
-    responsibilities (``batches()`` yields ``(gamma_t, chunk)``), the covariances about
-    them in a second."""
-    col = names.index(name)
-    nk, sx = 0.0, 0.0
-    for gamma_t, chunk in batches():
-        x = np.asarray(chunk.arrays[col], dtype=float).reshape(gamma_t.shape[1], -1)
-        nk, sx = nk + gamma_t.sum(axis=1), sx + gamma_t @ x
-    nk = np.maximum(nk, TINY)
-    mu = sx / nk[:, None]
-    k, d = mu.shape
-    cov = np.zeros((k, d, d))
-    for gamma_t, chunk in batches():
-        x = np.asarray(chunk.arrays[col], dtype=float).reshape(gamma_t.shape[1], -1)
-        for j in range(k):
-            dev = x - mu[j]
-            cov[j] += (gamma_t[j, :, None] * dev).T @ dev
-    cov /= nk[:, None, None]
-    for j in range(k):
-        cov[j].flat[:: d + 1] += reg_covar
-    return mu, cov
-
-
-def _conditional_sums(x, seen, gamma_t, mu, cov, centre):
-    """One chunk's ``(sum gamma xhat, sum gamma (xhat xhat' + C))`` per component about
-    ``centre``: ``xhat`` fills each row's missing coordinates with their conditional
-    mean given its observed ones, ``C`` is their conditional covariance (zero
-    elsewhere). Rows are grouped by which coordinates they miss."""
-    k, d = mu.shape
-    s1, s2 = np.zeros((k, d)), np.zeros((k, d, d))
-    patterns, which = np.unique(seen, axis=0, return_inverse=True)
-    for p, o in enumerate(patterns):
-        rows, m = np.flatnonzero(which.ravel() == p), ~o
-        for j in range(k):
-            g = gamma_t[j, rows]
-            xhat = x[rows] - centre[j]
-            if m.any():
-                gain = np.linalg.solve(cov[j][np.ix_(o, o)], cov[j][np.ix_(o, m)]).T
-                shift = (x[rows][:, o] - mu[j, o]) @ gain.T
-                xhat[:, m] = mu[j, m] + shift - centre[j, m]
-                s2[j][np.ix_(m, m)] += g.sum() * (
-                    cov[j][np.ix_(m, m)] - gain @ cov[j][np.ix_(o, m)]
-                )
-            s1[j] += g @ xhat
-            s2[j] += (g[:, None] * xhat).T @ xhat
-    return s1, s2
-
-
-def moments_missing(batches, name: str, mask: str, names, mu, cov, reg_covar: float = 0.0):
-    """Little and Rubin's M-step targets for MvNormal data with missing coordinates:
-    the weighted moments of the rows completed by their conditional means under each
-    component's current ``(mu, cov)``, plus the conditional covariances of what is
-    missing. Summed about the current means, so nothing cancels near convergence."""
-    col, mcol = names.index(name), names.index(mask)
-    k, d = mu.shape
-    nk, s1, s2 = np.zeros(k), np.zeros((k, d)), np.zeros((k, d, d))
-    for gamma_t, chunk in batches():
-        n = gamma_t.shape[1]
-        x = np.asarray(chunk.arrays[col], dtype=float).reshape(n, d)
-        seen = np.asarray(chunk.arrays[mcol], dtype=bool).reshape(n, d)
-        a, b = _conditional_sums(x, seen, gamma_t, mu, cov, mu)
-        nk, s1, s2 = nk + gamma_t.sum(axis=1), s1 + a, s2 + b
-    nk = np.maximum(nk, TINY)
-    shift = s1 / nk[:, None]
-    new_cov = s2 / nk[:, None, None] - np.einsum("ki,kj->kij", shift, shift)
-    for j in range(k):
-        new_cov[j].flat[:: d + 1] += reg_covar
-    return mu + shift, new_cov
-
-
-def pooled_covariance(nk: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """The tied covariance's update, ``sum_k N_k Sigma_k / N`` (each ``Sigma_k`` about its
-    component's mean), for every component."""
-    weights = np.maximum(nk, TINY) / np.maximum(nk, TINY).sum()
-    return np.broadcast_to(np.einsum("k,kij->ij", weights, cov), cov.shape).copy()
+def covariance_params(raw: np.ndarray, k: int, d: int) -> np.ndarray:
+    factor = raw[k * d :].reshape(k, d, d)
+    return np.concatenate([raw[: k * d], np.matmul(factor, factor.mT).ravel()])
 
 
 def _whitening(winv: np.ndarray) -> np.ndarray:
@@ -174,6 +82,16 @@ def _whitening(winv: np.ndarray) -> np.ndarray:
     k, d, _ = winv.shape
     rows, cols = np.tril_indices(d)
     return (winv[:, rows, :, None] * winv[:, cols, None, :]).reshape(k, len(rows), d * d)
+
+
+def _factor_whitening(winv: np.ndarray) -> np.ndarray:
+    """As :func:`_whitening` for a factor's error: ``(P vec(E))_t = (W E)_{i_t j_t}``.
+    ``L = L* (I + W (L - L*))``, so a factor within ``e`` puts the covariance within
+    about ``2 e`` in :func:`_whitening`'s scale."""
+    k, d, _ = winv.shape
+    rows, cols = np.tril_indices(d)
+    pick = np.eye(d)[cols]
+    return (winv[:, rows, :, None] * pick[None, :, None, :]).reshape(k, len(rows), d * d)
 
 
 def _whitened(winv: np.ndarray, pair: np.ndarray, mu_err, cov_err) -> np.ndarray:
@@ -207,8 +125,8 @@ class _Residual:
     """The whitened residual ``params(u) - target`` of one solve, remembering the map's
     value at the last point so that a Jacobian there costs only its differences."""
 
-    def __init__(self, update: MvnUpdate, u: np.ndarray, mu_t, cov_t, winv) -> None:
-        self.update, self.winv, self.pair = update, winv, _whitening(winv)
+    def __init__(self, update: MvnUpdate, u: np.ndarray, mu_t, cov_t, winv, pair) -> None:
+        self.update, self.winv, self.pair = update, winv, pair
         self.full, self.cols = u.copy(), np.flatnonzero(update.mask)
         self.shape = mu_t.shape
         self.target = np.concatenate([mu_t.ravel(), cov_t.ravel()])
@@ -240,15 +158,35 @@ def solve_params(
     """``u`` with the block's entries set so that ``params(u) == (mu_t, cov_t)``, or None
     if the target is not positive definite or Levenberg-Marquardt cannot reach it."""
     try:
-        winv = np.linalg.inv(np.linalg.cholesky(cov_t))
+        chol_t = np.linalg.cholesky(cov_t)
     except np.linalg.LinAlgError:
         return None
-    residual = _Residual(update, u, mu_t, cov_t, winv)
+    winv = np.linalg.inv(chol_t)
+    if update.factor is not None:
+        pair = _factor_whitening(winv)
+        residual = _Residual(update.factor, u, mu_t, chol_t, winv, pair)
+        # a quarter of the tolerance, so that the covariance it gives is within it
+        x = _solve(residual, u, SOLVE_TOL / 4)
+        if x is not None and _reproduces(residual):
+            return x
+    return _solve(_Residual(update, u, mu_t, cov_t, winv, _whitening(winv)), u, SOLVE_TOL)
+
+
+def _reproduces(residual: _Residual) -> bool:
+    """Whether the factor's solve, at its last point, gives the target covariance:
+    ``W L (W L)^T = I`` to the tolerance, with ``W = chol(cov_t)^-1``."""
+    k, d = residual.shape
+    scaled = np.matmul(residual.winv, residual.raw[k * d :].reshape(k, d, d))
+    err = np.matmul(scaled, scaled.mT) - np.eye(d)
+    return bool(np.max(np.abs(err)) <= SOLVE_TOL)
+
+
+def _solve(residual: _Residual, u: np.ndarray, tol: float) -> np.ndarray | None:
     start = u[residual.cols]
     with np.errstate(all="ignore"):
-        x = _newton(residual, residual.jacobian, start)
+        x = _newton(residual, residual.jacobian, start, tol)
         if x is None:
-            x = _levenberg_marquardt(residual, residual.jacobian, start)
+            x = _levenberg_marquardt(residual, residual.jacobian, start, tol)
     if x is None:
         return None
     out = u.copy()
@@ -268,7 +206,7 @@ def _inverse(jac: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def _newton(residual, jacobian, x: np.ndarray, max_iter: int = 16) -> np.ndarray | None:
+def _newton(residual, jacobian, x: np.ndarray, tol: float, max_iter: int = 16):
     """Newton's method from the previous M-step's solution, keeping a Jacobian while
     each step still shrinks the residual by ``CHORD_RATE`` (a Jacobian costs one map
     evaluation per group, a step one): near convergence the first Jacobian serves
@@ -278,7 +216,7 @@ def _newton(residual, jacobian, x: np.ndarray, max_iter: int = 16) -> np.ndarray
     for _ in range(max_iter):
         if not np.all(np.isfinite(r)):
             return None
-        if np.max(np.abs(r)) <= SOLVE_TOL:
+        if np.max(np.abs(r)) <= tol:
             return x
         fresh = inverse is None
         inverse = _inverse(jacobian(x)) if fresh else inverse
@@ -294,18 +232,19 @@ def _newton(residual, jacobian, x: np.ndarray, max_iter: int = 16) -> np.ndarray
             continue
         inverse = inverse if shrink <= CHORD_RATE else None
         x, r = x_new, r_new
-    return x if np.max(np.abs(r)) <= SOLVE_TOL else None
+    return x if np.max(np.abs(r)) <= tol else None
 
 
-def _levenberg_marquardt(residual, jacobian, x: np.ndarray) -> np.ndarray | None:
+def _levenberg_marquardt(residual, jacobian, x: np.ndarray, tol: float) -> np.ndarray | None:
     try:
         res = least_squares(
             residual, x, jac=jacobian, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15
         )
     except (ValueError, np.linalg.LinAlgError):
         return None
-    if not (np.all(np.isfinite(res.fun)) and np.max(np.abs(res.fun)) <= SOLVE_TOL):
+    if not (np.all(np.isfinite(res.fun)) and np.max(np.abs(res.fun)) <= tol):
         return None
+    residual(res.x)  # the map's value kept at the solution, as after Newton
     return res.x
 
 
@@ -346,8 +285,16 @@ def _entries(pattern: np.ndarray, groups) -> tuple[tuple[np.ndarray, ...], ...]:
     return tuple(out)
 
 
-def compile_update(functions: EMFunctions, spec: MvnSpec) -> MvnUpdate:
-    """The compiled parameter map of ``spec`` and its sparsity."""
-    mask, params = compile_param_map(functions, spec)
+def _update(mask: np.ndarray, params: Callable) -> MvnUpdate:
     pattern, groups = _sparsity(params, mask)
     return MvnUpdate(mask, params, pattern, groups, _entries(pattern, groups))
+
+
+def compile_update(functions: EMFunctions, spec: MvnSpec) -> MvnUpdate:
+    """The compiled parameter map of ``spec`` and its sparsity, in the covariance and,
+    where the spec has one, in its factor."""
+    mask, params = compile_param_map(functions, spec)
+    if spec.factor is None:
+        return _update(mask, params)
+    k, d = spec.mu.type.shape
+    return _update(mask, CovarianceOf(params, k, d))._replace(factor=_update(mask, params))

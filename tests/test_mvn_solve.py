@@ -1,0 +1,129 @@
+"""The MvNormal M-step's map back to the free variables, in the covariance's Cholesky factor.
+
+Where the model writes each covariance as ``L @ L.mT`` the solve targets the factor; it
+must land where the covariance's own solve lands (both reproduce the weighted moments
+computed in NumPy here), with fewer evaluations of the map, and fall back to the
+covariance's solve where the model's ``L`` is not a lower-triangular factor.
+"""
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+import pytest
+
+import ppl_em
+from ppl_em.em import default_start
+from ppl_em.steps.mvn_moments import weighted_moments
+from ppl_em.steps.mvn_solve import MvnUpdate, solve_params
+from tests.test_mvnormal import blobs, flat_cholesky_mixture, gaussian_2d_label, lkj_mixture
+
+
+def _flat_cholesky_label(x: np.ndarray, k: int) -> pm.Model:
+    """An explicit label indexing (K, D, D) factors built from free entries."""
+    n, d = x.shape
+    rows, cols = np.tril_indices(d, -1)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(k))
+        mu = pm.Flat("mu", shape=(k, d))
+        sd = pm.HalfFlat("sd", shape=(k, d))
+        off = pm.Flat("off", shape=(k, len(rows)))
+        chol = pt.zeros((k, d, d))
+        chol = pt.set_subtensor(chol[:, np.arange(d), np.arange(d)], sd)
+        chol = pt.set_subtensor(chol[:, rows, cols], off)
+        z = pm.Categorical("z", p=w, shape=n)
+        pm.MvNormal("x", mu=mu[z], chol=chol[z], observed=x)
+    return model
+
+
+def _symmetric_root_mixture(x: np.ndarray, k: int) -> pm.Model:
+    """``cov = S @ S.mT`` with ``S`` symmetric: one-to-one onto the covariances (``S`` is
+    their square root), but ``S`` is no Cholesky factor. Its lower triangle can match
+    the target's factor exactly while its upper one is not zero, so the factor's solve
+    succeeds on the wrong covariance unless it is checked."""
+    d = x.shape[1]
+    rows, cols = np.tril_indices(d, -1)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(k))
+        mu = pm.Flat("mu", shape=(k, d))
+        sd = pm.HalfFlat("sd", shape=(k, d))
+        off = pm.Flat("off", shape=(k, len(rows)))
+        root = pt.zeros((k, d, d))
+        root = pt.set_subtensor(root[:, np.arange(d), np.arange(d)], sd)
+        root = pt.set_subtensor(root[:, rows, cols], off)
+        root = pt.set_subtensor(root[:, cols, rows], off)
+        comps = [pm.MvNormal.dist(mu=mu[j], cov=root[j] @ root[j].T) for j in range(k)]
+        pm.Mixture("x", w=w, comp_dists=comps, observed=x)
+    return model
+
+
+class _Counted:
+    """A map that counts its evaluations."""
+
+    def __init__(self, params):
+        self.params, self.calls = params, 0
+
+    def __call__(self, u):
+        self.calls += 1
+        return self.params(u)
+
+
+def _counted(update: MvnUpdate) -> tuple[MvnUpdate, _Counted]:
+    """``update`` whose every evaluation of the compiled map is counted."""
+    if update.factor is None:
+        counter = _Counted(update.params)
+        return update._replace(params=counter), counter
+    counter = _Counted(update.factor.params)
+    cov = update.params._replace(factor_params=counter)
+    return update._replace(params=cov, factor=update.factor._replace(params=counter)), counter
+
+
+def _setup(model, x):
+    functions, config = ppl_em.prepare(model, mode="mle")
+    (update,) = config.mvn
+    u0 = default_start(functions, config, rng=None)
+    gamma = np.random.default_rng(3).dirichlet(np.ones(2), size=len(x))
+    return functions, update, u0, weighted_moments(gamma, x)
+
+
+def _assert_reproduces(update: MvnUpdate, u: np.ndarray, mu: np.ndarray, cov: np.ndarray):
+    k, d = mu.shape
+    got = update.params(u)
+    np.testing.assert_allclose(got[: k * d].reshape(k, d), mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[k * d :].reshape(k, d, d), cov, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("build", "groups"),
+    [
+        (lambda x: flat_cholesky_mixture(x, 2), 1),
+        (lambda x: _flat_cholesky_label(x, 2), 1),
+        (lambda x: lkj_mixture(x, 2), 1),
+        (lambda x: gaussian_2d_label(), None),
+    ],
+    ids=["flat-cholesky-list", "flat-cholesky-label", "lkj-cholesky-list", "sd-correlation"],
+)
+def test_the_factor_solve_lands_where_the_covariance_solve_does(build, groups):
+    x = blobs(300, 2, 2, seed=8) if groups is None else blobs(300, 2, 3)
+    _, update, u0, (mu, cov) = _setup(build(x), x)
+    assert update.factor is not None, "the model's L @ L.mT was not found"
+    if groups is not None:
+        # one free value per entry of the factor: its Jacobian is one difference
+        assert len(update.factor.groups) == groups
+    by_factor, counter = _counted(update)
+    a = solve_params(by_factor, u0, mu, cov)
+    by_cov, cov_counter = _counted(update._replace(factor=None))
+    b = solve_params(by_cov, u0, mu, cov)
+    assert a is not None and b is not None
+    _assert_reproduces(update, a, mu, cov)
+    _assert_reproduces(update, b, mu, cov)
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+    assert counter.calls < cov_counter.calls
+
+
+def test_a_factor_that_is_not_a_cholesky_factor_falls_back_to_the_covariance():
+    x = blobs(300, 2, 3)
+    _, update, u0, (mu, cov) = _setup(_symmetric_root_mixture(x, 2), x)
+    assert update.factor is not None
+    got = solve_params(update, u0, mu, cov)
+    assert got is not None
+    _assert_reproduces(update, got, mu, cov)
