@@ -1,6 +1,7 @@
-"""Regression components: a Normal whose mean is a linear predictor, and a Poisson or
+"""Regression components: a Normal whose mean is a linear predictor, a Poisson or
 Bernoulli whose mean is the inverse of its canonical link (``exp``, the logistic
-sigmoid) of one (:func:`glm_predictor`).
+sigmoid) of one (:func:`glm_predictor`), and a negative binomial whose mean is ``exp`` of
+one, with a dispersion per component, shared or known (:func:`nb_block`).
 
 ``mu_i = b_0[z_i] + b_1[z_i] c_1i + ... + b_J[z_i] c_Ji``: each term is a per-component
 coefficient (``b[z]`` with ``b`` of shape (K,)), alone (an intercept) or times a
@@ -13,17 +14,18 @@ Hessian (IRLS, :mod:`ppl_em.steps.glm`).
 
 from __future__ import annotations
 
+from pymc.logprob.transforms import LogTransform
 from pytensor.graph.traversal import ancestors
-from pytensor.scalar import Add, Exp, Mul
+from pytensor.scalar import Add, Exp, Mul, TrueDiv
 from pytensor.scalar.math import Sigmoid
-from pytensor.tensor import TensorVariable
+from pytensor.tensor import TensorConstant, TensorVariable
 from pytensor.tensor.elemwise import Elemwise
 
 from ppl_em.model.blocks import Block, family_const, family_slot
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.priors import prior_of
-from ppl_em.model.slots import DataRef, Slot, param_slot, strip
+from ppl_em.model.priors import positive_prior, prior_of
+from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, strip
 
 
 def _operands(expr: TensorVariable, scalar_op: type) -> list[TensorVariable] | None:
@@ -70,8 +72,9 @@ def linear_terms(expr: TensorVariable, graph: MixtureGraph, data: DataSpec | Non
 
 
 # The inverse of each GLM family's canonical link, as PyMC writes it (``pm.math.exp``;
-# ``pm.math.invlogit`` or ``logit_p=``, which PyMC turns into ``sigmoid``).
-INVERSE_LINKS = {"poisson": Exp, "bernoulli": Sigmoid}
+# ``pm.math.invlogit`` or ``logit_p=``, which PyMC turns into ``sigmoid``); the negative
+# binomial's log link is not canonical, but it is the one its regressions use.
+INVERSE_LINKS = {"poisson": Exp, "bernoulli": Sigmoid, "negative_binomial": Exp}
 
 
 def glm_predictor(expr: TensorVariable, family: str) -> TensorVariable | None:
@@ -124,6 +127,58 @@ def glm_block(graph: MixtureGraph, dist, data: DataSpec | None, family: str) -> 
     return Block(f"{family}_glm", dist.name, slots, consts, priors)
 
 
+def _same(a: TensorVariable, b: TensorVariable) -> bool:
+    """One value: the same variable, or equal constants (PyMC's ``alpha / (mu + alpha)``
+    makes a constant of a plain number at each use)."""
+    a, b = strip(a), strip(b)
+    if a is b:
+        return True
+    both = isinstance(a, TensorConstant) and isinstance(b, TensorConstant)
+    return both and a.data.shape == b.data.shape and bool((a.data == b.data).all())
+
+
+def nb_mean(dist) -> tuple[TensorVariable, TensorVariable] | None:
+    """``(alpha, mu)`` of a negative binomial, which PyMC stores as ``n = alpha`` and
+    ``p = alpha / (mu + alpha)``; None if ``p`` is not of that form."""
+    n, p = dist.owner.op.dist_params(dist.owner)
+    ratio = _operands(strip(p), TrueDiv)
+    total = _operands(ratio[1], Add) if ratio and len(ratio) == 2 else None
+    if total is None or len(total) != 2 or not _same(ratio[0], n):
+        return None
+    means = [t for t in total if not _same(t, n)]
+    return (n, means[0]) if len(means) == 1 else None
+
+
+def _dispersion(alpha, graph: MixtureGraph, data: DataSpec | None):
+    """The dispersion as a slot (per component or shared) or a (K,) constant, else None."""
+    found = param_slot(alpha, graph, None, data)
+    if isinstance(found, tuple):
+        refs, inverse, axes = found
+        return None if inverse or axes not in (("k",), ()) else Slot(refs, False, axes)
+    value = None if found is None or isinstance(found, DataRef) else normalise(found, graph)
+    return value if value is not None and not isinstance(value, DataRef) else None
+
+
+def nb_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | None:
+    """A negative-binomial regression: ``mu = exp(eta)`` of a linear predictor; slots
+    ``b0, b1, ...`` and ``alpha`` (or a known ``alpha`` among the consts), whose prior is
+    read by :func:`ppl_em.model.priors.positive_prior`. One count per observation."""
+    parts = nb_mean(dist) if dist.ndim == 1 else None
+    eta = None if parts is None else glm_predictor(parts[1], "negative_binomial")
+    terms = None if eta is None else linear_terms(eta, graph, data)
+    alpha = None if terms is None else _dispersion(parts[0], graph, data)
+    if alpha is None:
+        return None
+    slots, consts = _coefficients(terms)
+    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    if isinstance(alpha, Slot):
+        slots["alpha"] = alpha
+        priors["alpha"] = positive_prior(alpha.refs[0][0])
+    else:
+        consts["alpha"] = alpha
+    return Block("negative_binomial_glm", dist.name, slots, consts, priors)
+
+
 GLM = (
     "its mean is the inverse link of a linear predictor, which has no closed form; "
     "Newton's method with the exact Hessian of Q (IRLS) maximises it over the data"
@@ -132,16 +187,20 @@ GLM = (
 
 def glm_ok(graph: MixtureGraph, block: Block, owners: set, mode: str) -> bool:
     """Coefficients that are untransformed, enter nothing but this family, and have
-    Normal or flat priors with constant parameters (or no prior: ``mode="mle"``)."""
+    Normal or flat priors with constant parameters (or no prior: ``mode="mle"``); a
+    negative binomial's free dispersion the same, but fitted on its log (the Hessian is
+    in ``log alpha``) with a prior :func:`~ppl_em.model.priors.positive_prior` reads."""
     params = set(graph.params)
     for name, slot in block.slots.items():
         rvs = {r for r, _ in slot.refs}
-        if any(graph.model.rvs_to_transforms.get(r) is not None for r in rvs):
+        wanted = LogTransform if name == "alpha" else type(None)
+        if any(type(graph.model.rvs_to_transforms.get(r)) is not wanted for r in rvs):
             return False
         if any(direct_users(graph, r) - owners or params & set(ancestors(r.owner.inputs))
                for r in rvs):  # fmt: skip
             return False
         prior = block.priors[name]
-        if mode == "map" and (prior is None or prior[0] not in ("normal", "flat")):
+        readable = prior is not None and (name == "alpha" or prior[0] in ("normal", "flat"))
+        if mode == "map" and not readable:
             return False
     return True

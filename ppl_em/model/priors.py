@@ -4,7 +4,7 @@ may return, and whether the closed form is the prior's conjugate update."""
 from __future__ import annotations
 
 import numpy as np
-from pymc.distributions.continuous import FlatRV, HalfFlatRV
+from pymc.distributions.continuous import FlatRV, HalfCauchyRV, HalfFlatRV
 from pymc.logprob.transforms import LogTransform
 from pymc.pytensorf import constant_fold
 from pytensor.tensor import TensorVariable
@@ -36,6 +36,29 @@ def prior_of(rv: TensorVariable, mode: str) -> tuple | None:
         return ("normal", *hyper)
     if isinstance(op, FlatRV):
         return ("flat",)
+    return None
+
+
+def positive_prior(rv: TensorVariable) -> tuple | None:
+    """A positive parameter's prior whose log density's curvature in ``log theta`` is
+    written out (:mod:`ppl_em.steps.glm`), as ``(kind, *hyper)`` with constant
+    hyperparameters: ``("gamma", shape, rate)`` (Gamma, Exponential, HalfFlat),
+    ``("halfnormal", sigma)``, ``("lognormal", mu, sigma)``, ``("halfcauchy", beta)``;
+    None for any other."""
+    op = rv.owner.op
+    prior = prior_of(rv, "map")
+    if prior is not None and prior[0] == "gamma":
+        return prior
+    try:
+        hyper = [np.asarray(h, dtype=float) for h in constant_fold(op.dist_params(rv.owner))]
+    except Exception:
+        return None
+    if isinstance(op, ptr.basic.HalfNormalRV) and np.all(hyper[0] == 0):
+        return ("halfnormal", hyper[1])
+    if isinstance(op, ptr.basic.LogNormalRV):
+        return ("lognormal", *hyper)
+    if isinstance(op, HalfCauchyRV):
+        return ("halfcauchy", hyper[-1])
     return None
 
 

@@ -22,7 +22,7 @@ from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 from ppl_em.model.blocks import Block, family_const, family_slot
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block
+from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block, nb_block
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
 from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
 from ppl_em.model.slots import DataRef, Slot, param_slot, shape_of, strip
@@ -77,6 +77,10 @@ def _family_block(
     if isinstance(op, ptr.basic.CategoricalRV) and len(dists) == 1:
         return _categorical_block(graph, dists[0])
     family, names = FAMILIES.get(type(op), (None, None))
+    if isinstance(op, ptr.basic.NegBinomialRV) and len(dists) == 1:
+        nb = nb_block(graph, dists[0], data)
+        if nb is not None:
+            return nb
     if family is None or any(type(d.owner.op) is not type(op) for d in dists):
         return f"its component family {type(op).__name__} has no closed form in ppl_em"
     slots, consts, batched = {}, {}, len(dists) == 1

@@ -12,6 +12,21 @@ coefficient; with it, the numeric step's damped Newton is iteratively reweighted
 squares. Q's value and gradient still come from the model's compiled graph, so only
 the curvature is written here, and a test checks it against differences of that
 gradient.
+
+A negative binomial with mean ``mu = exp(eta)`` and dispersion ``alpha`` (free, fitted on
+``t = log alpha``, per component or shared; or known) has, per observation, with
+``r = mu + alpha``,
+
+    d2l / deta2  = -alpha mu (y + alpha) / r^2
+    d2l / deta dt = alpha mu (y - mu) / r^2
+    d2l / dt2    = alpha^2 (psi1(y + alpha) - psi1(alpha)) + alpha mu / r - alpha mu (y - mu) / r^2
+                   + alpha (psi(y + alpha) - psi(alpha) - log(r / alpha))
+
+(the observed, not the expected, information: it is Q's Hessian, so Newton converges
+quadratically to Q's maximiser, cross terms and all), plus the curvature in ``t`` of the
+dispersion's log prior without Jacobian. Q need not be concave in ``t`` far from its
+maximum; the damped Newton floors the Hessian's eigenvalues and halves its step until Q
+rises, so each step is still an ascent.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import expit
+from scipy.special import digamma, expit, polygamma
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.model.blocks import Block
@@ -28,12 +43,19 @@ from ppl_em.model.blocks import Block
 class GlmSpec(NamedTuple):
     """One regression family: ``index[k, j]``, the entry of ``u`` of coefficient j of
     component k; each coefficient's covariate (None for an intercept, a column of the
-    data by position, or a whole array); the prior precision of each coefficient."""
+    data by position, or a whole array); the prior precision of each coefficient. A
+    negative binomial's also: its observed column's position, and either ``log_alpha``
+    (per component, the entry of ``u`` holding its log dispersion) with that entry's log
+    prior (``(kind, *hyper)``, None for ``mode="mle"``), or the known ``alpha``."""
 
     family: str
     index: np.ndarray
     covariates: tuple
     precision: np.ndarray
+    observed: int = -1
+    log_alpha: np.ndarray | None = None
+    alpha_prior: tuple | None = None
+    alpha: np.ndarray | None = None
 
 
 def _precision(prior: tuple | None, size: int, mode: str) -> np.ndarray:
@@ -43,18 +65,38 @@ def _precision(prior: tuple | None, size: int, mode: str) -> np.ndarray:
     return np.broadcast_to(1.0 / sigma**2, (size,)).copy()
 
 
+def _dispersion(functions: EMFunctions, block: Block) -> dict:
+    """A negative binomial's dispersion fields of :class:`GlmSpec`."""
+    layout, k = functions.layout, functions.graph.n_components
+    fields = {"observed": functions.data_names.index(block.data_name)}
+    slot = block.slots.get("alpha")
+    if slot is None:
+        return {**fields, "alpha": np.broadcast_to(block.consts["alpha"], (k,)).astype(float)}
+    where = layout.slices[layout.rv_names.index(slot.refs[0][0].name)]
+    entries = np.array([where.start + e for _, e in slot.refs])
+    prior = block.priors["alpha"] if functions.mode == "map" else None
+    if prior is not None:
+        size = where.stop - where.start
+        prior = (prior[0], *(np.broadcast_to(np.asarray(h, dtype=float), (size,))
+                             [entries - where.start] for h in prior[1:]))  # fmt: skip
+    return {**fields, "log_alpha": np.broadcast_to(entries, (k,)), "alpha_prior": prior}
+
+
 def glm_spec(functions: EMFunctions, block: Block) -> GlmSpec:
     layout, names = functions.layout, functions.data_names
     index, precision, covariates = [], [], []
-    for j, slot in enumerate(block.slots.values()):
+    coefficients = [slot for name, slot in block.slots.items() if name != "alpha"]
+    for j, slot in enumerate(coefficients):
         index.append([layout.slices[layout.rv_names.index(rv.name)].start + e
                       for rv, e in slot.refs])  # fmt: skip
         precision.append(_precision(block.priors[f"b{j}"], len(slot.refs), functions.mode))
         ref = block.consts.get(f"x{j}")
         covariates.append(None if ref is None else ref.array if ref.name is None else
                           names.index(ref.name))  # fmt: skip
-    return GlmSpec(block.family.removesuffix("_glm"), np.array(index).T, tuple(covariates),
-                   np.array(precision).T)  # fmt: skip
+    family = block.family.removesuffix("_glm")
+    extra = _dispersion(functions, block) if family == "negative_binomial" else {}
+    return GlmSpec(family, np.array(index).T, tuple(covariates), np.array(precision).T,
+                   **extra)  # fmt: skip
 
 
 def _design(spec: GlmSpec, chunk) -> np.ndarray:
@@ -70,12 +112,19 @@ def _design(spec: GlmSpec, chunk) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
+def _owned(spec: GlmSpec) -> np.ndarray:
+    """The entries of ``u`` whose Hessian rows :func:`glm_hessian` writes."""
+    dispersion = () if spec.log_alpha is None else (spec.log_alpha,)
+    return np.concatenate([spec.index.ravel(), *dispersion])
+
+
 def known(specs: tuple[GlmSpec, ...], mask: np.ndarray) -> np.ndarray | None:
-    """Which of the numeric entries ``u[mask]`` are regression coefficients, or None if
-    there are none or some coefficient is not among them."""
+    """Which of the numeric entries ``u[mask]`` have exact Hessian rows (regression
+    coefficients, a negative binomial's log dispersions), or None if there are none or
+    some of them are not among the numeric entries."""
     owned = np.zeros_like(mask)
     for spec in specs:
-        owned[spec.index.ravel()] = True
+        owned[_owned(spec)] = True
     if not owned.any() or np.any(owned & ~mask):
         return None
     return owned[mask]
@@ -88,25 +137,99 @@ def local(batches) -> bool:
     return first is not None and isinstance(first[0], np.ndarray)
 
 
+def _nb_terms(eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
+    """Per observation, a negative binomial's second derivatives of its log density in
+    ``(eta, eta)``, ``(eta, log alpha)``, ``(log alpha, log alpha)`` (the last two None
+    for a known ``alpha``)."""
+    mu = np.exp(eta)
+    r = mu + alpha
+    amr = alpha * mu / r**2
+    bb = -amr * (y + alpha)
+    if not free:
+        return bb, None, None
+    ba = amr * (y - mu)
+    psi, psi1 = _polygamma_differences(y, alpha)
+    aa = alpha**2 * psi1 + alpha * mu / r - ba + alpha * (psi - np.log1p(mu / alpha))
+    return bb, ba, aa
+
+
+# Counts up to this use the sums below; beyond, the special functions.
+TABLE_MAX = 1_000_000
+
+
+def _polygamma_differences(y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``psi(y + alpha) - psi(alpha)`` and ``psi1(y + alpha) - psi1(alpha)``. For counts,
+    ``sum_{j<y} 1 / (alpha + j)`` and ``-sum_{j<y} 1 / (alpha + j)^2``, tabulated once up
+    to the largest count: some fifty times faster than digamma and trigamma (a Hurwitz
+    zeta) over every observation, which took a third of a fit's time at N = 10^5, and
+    free of their cancellation for large ``alpha``."""
+    top = float(y.max(initial=0.0))
+    if top > TABLE_MAX or y.min(initial=0.0) < 0 or np.any(y != np.floor(y)):
+        return digamma(y + alpha) - digamma(alpha), polygamma(1, y + alpha) - polygamma(1, alpha)
+    inverse = 1.0 / (alpha + np.arange(int(top)))
+    counts = y.astype(np.intp)
+    return (np.r_[0.0, np.cumsum(inverse)][counts], -np.r_[0.0, np.cumsum(inverse**2)][counts])
+
+
+def _terms(spec: GlmSpec, eta: np.ndarray, y, log_alpha: float | None, k: int):
+    if spec.family == "poisson":
+        return -np.exp(eta), None, None
+    if spec.family == "bernoulli":
+        p = expit(eta)
+        return -p * (1.0 - p), None, None
+    alpha = spec.alpha[k] if log_alpha is None else np.exp(log_alpha)
+    return _nb_terms(eta, y, alpha, log_alpha is not None)
+
+
+def prior_curvature(prior: tuple, alpha: np.ndarray) -> np.ndarray:
+    """``d2/dt2 log p(exp(t))`` at ``alpha = exp(t)`` (no Jacobian: find_MAP's objective)."""
+    kind, *hyper = prior
+    if kind == "gamma":  # (shape - 1) t - rate e^t
+        return -hyper[1] * alpha
+    if kind == "halfnormal":  # -e^(2t) / (2 sigma^2)
+        return -2.0 * alpha**2 / hyper[0] ** 2
+    if kind == "lognormal":  # -t - (t - mu)^2 / (2 sigma^2)
+        return -1.0 / hyper[1] ** 2
+    beta2 = hyper[0] ** 2  # halfcauchy: -log(1 + e^(2t) / beta^2)
+    return -4.0 * alpha**2 * beta2 / (beta2 + alpha**2) ** 2
+
+
+def _family_hessian(spec: GlmSpec, u: np.ndarray, position, size: int, batches) -> np.ndarray:
+    """One family's part of Q's Hessian (likelihood and priors) over ``u[mask]``."""
+    h = np.zeros((size, size))
+    where = position[spec.index]
+    alpha_at = None if spec.log_alpha is None else position[spec.log_alpha]
+    for gamma_t, chunk in batches():
+        x = _design(spec, chunk)
+        y = None if spec.observed < 0 else np.asarray(chunk.arrays[spec.observed], dtype=float)
+        y = None if y is None else y.reshape(chunk.n)
+        for k, at in enumerate(where):
+            log_alpha = None if alpha_at is None else u[spec.log_alpha[k]]
+            bb, ba, aa = _terms(spec, x @ u[spec.index[k]], y, log_alpha, k)
+            g = gamma_t[k]
+            h[np.ix_(at, at)] += x.T @ ((g * bb)[:, None] * x)
+            if ba is not None:
+                cross = x.T @ (g * ba)
+                h[at, alpha_at[k]] += cross
+                h[alpha_at[k], at] += cross
+                h[alpha_at[k], alpha_at[k]] += g @ aa
+    h[where, where] -= spec.precision
+    if spec.alpha_prior is not None:
+        # a shared dispersion appears once per component in log_alpha, its prior once
+        _, first = np.unique(spec.log_alpha, return_index=True)
+        prior = (spec.alpha_prior[0], *(p[first] for p in spec.alpha_prior[1:]))
+        alpha = np.exp(u[spec.log_alpha[first]])
+        h[alpha_at[first], alpha_at[first]] += prior_curvature(prior, alpha)
+    return h
+
+
 def glm_hessian(specs: tuple[GlmSpec, ...], u: np.ndarray, mask: np.ndarray, batches):
-    """Q's Hessian over ``u[mask]`` among the regression coefficients (0 elsewhere: Q's
-    terms in the coefficients involve no other variable)."""
-    position = np.cumsum(mask) - 1
-    h = np.zeros((int(mask.sum()),) * 2)
+    """Q's Hessian over ``u[mask]`` among the entries :func:`known` says are exact (0
+    elsewhere: Q's terms in them involve no other variable)."""
+    position, size = np.cumsum(mask) - 1, int(mask.sum())
+    h = np.zeros((size, size))
     for spec in specs:
-        where = position[spec.index]
-        coef = u[spec.index]
-        for gamma_t, chunk in batches():
-            x = _design(spec, chunk)
-            for k, (at, b) in enumerate(zip(where, coef, strict=True)):
-                eta = x @ b
-                if spec.family == "poisson":
-                    w = np.exp(eta)
-                else:
-                    p = expit(eta)
-                    w = p * (1.0 - p)
-                h[np.ix_(at, at)] -= x.T @ ((gamma_t[k] * w)[:, None] * x)
-        h[where, where] -= spec.precision
+        h += _family_hessian(spec, u, position, size, batches)
     return h
 
 
