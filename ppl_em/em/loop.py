@@ -14,6 +14,7 @@ from ppl_em.em.progress import Progress
 from ppl_em.em.squarem import SquaremCycle, stepper
 from ppl_em.em.step import EMData, EMState, em_data, em_init
 from ppl_em.errors import ConvergenceWarning, NonMonotoneWarning
+from ppl_em.steps.estep import one_blas_thread
 from ppl_em.steps.mstep import MStepConfig
 from ppl_em.steps.numeric import scaled_gradient
 
@@ -140,7 +141,10 @@ def run_em(
     since, ascend = 0, accelerate == "auto" and ascends(config)  # rate from history[since:]
     # Q over the data compiled anyway, or not needed by an ascent
     q_compiled = bool(config.numeric_mask.any()) or statistics_cover(config, u0.size)
-    with Progress(max_iter, enabled=progressbar) as bar:
+    # One BLAS thread for the whole run, not only its E-steps: the M-step's and the
+    # ascent's linear algebra is small (Newton's Hessians, L-BFGS-B's updates), and
+    # OpenBLAS's second thread, spinning on a busy machine, made each call milliseconds.
+    with one_blas_thread(functions.blas), Progress(max_iter, enabled=progressbar) as bar:
         for count in range(1, max_iter + 1):
             cycle, stalled = _stalled_step(step, functions, config, state, data)
             new, n_estep = cycle.state, n_estep + cycle.n_estep
