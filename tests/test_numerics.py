@@ -238,3 +238,47 @@ def test_newton_near_the_maximum_takes_the_full_step_not_its_double():
         assert len(calls) <= 8
         # within the gradient's rounding (1e-10 / 1e5 per coordinate), not at the mirror
         np.testing.assert_allclose(found.values, centre, atol=1e-12)
+
+
+def test_a_sparse_hessian_is_the_full_one_from_a_difference_per_group():
+    """Q of a block whose components are independent (K pairs, each coupled only within
+    itself) has a block-diagonal Hessian. After its first Hessian, :class:`SparseHessian`
+    perturbs one variable of every pair at once: 2 differences where the full one takes
+    2K. Reference: the Hessian in closed form."""
+    from ppl_em.steps.newton import SparseHessian
+
+    k = 10
+    rng = np.random.default_rng(9)
+    a, b = rng.uniform(1.0, 3.0, k), rng.uniform(0.5, 2.0, k)
+    calls = []
+
+    def evaluate(x):
+        calls.append(1)
+        m, s = x[:k], x[k:]  # a Normal log density in (mean, log sd), per component
+        q = np.sum(-a * s - b * np.exp(-2 * s) * (1.0 + m**2) / 2)
+        gm = -b * np.exp(-2 * s) * m
+        gs = -a + b * np.exp(-2 * s) * (1.0 + m**2)
+        return q, np.concatenate([gm, gs])
+
+    def exact(x):
+        m, s = x[:k], x[k:]
+        e = b * np.exp(-2 * s)
+        h = np.zeros((2 * k, 2 * k))
+        i = np.arange(k)
+        h[i, i] = -e
+        h[i, k + i] = h[k + i, i] = 2 * e * m
+        h[k + i, k + i] = -2 * e * (1.0 + m**2)
+        return h
+
+    curvature = SparseHessian(evaluate)
+    used = []
+    for _ in range(3):
+        x = rng.normal(size=2 * k)
+        grad = evaluate(x)[1]
+        calls.clear()
+        got = curvature(x, grad)
+        np.testing.assert_allclose(got, exact(x), rtol=2e-4, atol=1e-6 * np.abs(exact(x)).max())
+        used.append(len(calls))
+    assert len(curvature.groups) == 2
+    # one difference (or two, when the first step is resized) per column, then per group
+    assert 2 * k <= used[0] <= 4 * k and max(used[1:]) <= 4

@@ -78,6 +78,75 @@ def hessian(evaluate, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
     return 0.5 * (h + h.T)
 
 
+def _group_columns(evaluate, x, grad, group: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
+    """:func:`_column` for every variable of ``group`` at once: their gradient rows
+    (``rows[j]`` for the group's j-th) are disjoint, so one difference per round moves
+    each variable by its own step and reads each column off its own rows."""
+    steps = np.array([1e-5 * max(1.0, abs(x[i])) for i in group])
+    settled = np.zeros(group.size, dtype=bool)
+    pending = np.ones(group.size, dtype=bool)
+    cols = np.zeros((grad.size, group.size))
+    for _ in range(10):
+        if not pending.any():
+            break
+        moved = x.copy()
+        moved[group[pending]] += steps[pending]
+        q, grad_moved = evaluate(moved)
+        if not np.isfinite(q):
+            steps[pending] /= 1e3
+            continue
+        change = grad_moved - grad
+        for j in np.flatnonzero(pending):
+            i = group[j]
+            if not abs(change[i]) > 1e-8 * abs(grad[i]):
+                steps[j] *= 1e3
+                continue
+            ideal = 1e-4 / np.sqrt(abs(change[i]) / steps[j])
+            if settled[j] or ideal >= 0.1 * steps[j]:
+                cols[rows[j], j] = change[rows[j]] / steps[j]
+                pending[j] = False
+            else:
+                steps[j], settled[j] = ideal, True
+    return cols
+
+
+class SparseHessian:
+    """Q's Hessian by forward differences, as :func:`hessian` the first time, then by
+    groups of variables whose columns share no nonzero row in that first one (the
+    components of a block that Q and its prior treat independently: one difference
+    per group instead of one per variable). For one M-step's Newton: its pattern is of
+    that block's Q, whose exact zeros are structural."""
+
+    def __init__(self, evaluate) -> None:
+        self.evaluate, self.groups = evaluate, None
+
+    def __call__(self, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        if self.groups is None:
+            h = hessian(self.evaluate, x, grad)
+            self.groups = _disjoint_groups(h != 0)
+            return h
+        h = np.zeros((x.size, x.size))
+        for group, rows in self.groups:
+            h[:, group] = _group_columns(self.evaluate, x, grad, group, rows)
+        return 0.5 * (h + h.T)
+
+
+def _disjoint_groups(pattern: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """A greedy partition of the columns into groups of disjoint row sets, each with its
+    columns' rows."""
+    groups, touched = [], []
+    for c in range(pattern.shape[1]):
+        for g, rows in enumerate(touched):
+            if not np.any(rows & pattern[:, c]):
+                groups[g].append(c)
+                rows |= pattern[:, c]
+                break
+        else:
+            groups.append([c])
+            touched.append(pattern[:, c].copy())
+    return [(np.array(g), [np.flatnonzero(pattern[:, c]) for c in g]) for g in groups]
+
+
 def partial_hessian(evaluate, x, grad, known: np.ndarray, exact: np.ndarray) -> np.ndarray:
     """Q's Hessian with its entries among the variables ``known`` given (``exact``) and
     the rest from forward differences along the other variables: one gradient per
