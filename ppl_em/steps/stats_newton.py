@@ -22,7 +22,7 @@ from ppl_em.steps.closed_form import (
     second_moments,
 )
 from ppl_em.steps.columns import StatsRequest, coefficients
-from ppl_em.steps.newton import SparseHessian, newton_direction, newton_maximise
+from ppl_em.steps.newton import hessian, newton_direction, newton_maximise
 from ppl_em.steps.stats import TINY, Stats
 
 # Newton stops within 1e-12 standard errors (under Q) of Q's maximum; a result more
@@ -77,12 +77,11 @@ def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
     def evaluate(x):
         return sq.q(x, *arrays)
 
-    curvature = SparseHessian(evaluate)
-    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0, curvature=curvature)
+    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0)
     q, grad = evaluate(found.values)
     if not (np.isfinite(q) and np.all(np.isfinite(grad))):
         return None
-    _, decrement = newton_direction(curvature(found.values, grad), grad)
+    _, decrement = newton_direction(hessian(evaluate, found.values, grad), grad)
     if decrement > DECREMENT_TOL:
         return None
     out = u.copy()
