@@ -18,19 +18,25 @@ from ppl_em.steps.mvn_solve import MvnUpdate, solve_params
 from tests.test_mvnormal import blobs, flat_cholesky_mixture, gaussian_2d_label, lkj_mixture
 
 
+def _free_factor(k: int, d: int, symmetric: bool = False):
+    """``(w, mu, factor)``: free weights and means, and (K, D, D) factors with free
+    standard deviations on the diagonal and free entries below it (and, ``symmetric``,
+    mirrored above it)."""
+    rows, cols = np.tril_indices(d, -1)
+    w = pm.Dirichlet("w", a=np.ones(k))
+    mu = pm.Flat("mu", shape=(k, d))
+    sd = pm.HalfFlat("sd", shape=(k, d))
+    off = pm.Flat("off", shape=(k, len(rows)))
+    factor = pt.set_subtensor(pt.zeros((k, d, d))[:, np.arange(d), np.arange(d)], sd)
+    factor = pt.set_subtensor(factor[:, rows, cols], off)
+    return w, mu, pt.set_subtensor(factor[:, cols, rows], off) if symmetric else factor
+
+
 def _flat_cholesky_label(x: np.ndarray, k: int) -> pm.Model:
     """An explicit label indexing (K, D, D) factors built from free entries."""
-    n, d = x.shape
-    rows, cols = np.tril_indices(d, -1)
     with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(k))
-        mu = pm.Flat("mu", shape=(k, d))
-        sd = pm.HalfFlat("sd", shape=(k, d))
-        off = pm.Flat("off", shape=(k, len(rows)))
-        chol = pt.zeros((k, d, d))
-        chol = pt.set_subtensor(chol[:, np.arange(d), np.arange(d)], sd)
-        chol = pt.set_subtensor(chol[:, rows, cols], off)
-        z = pm.Categorical("z", p=w, shape=n)
+        w, mu, chol = _free_factor(k, x.shape[1])
+        z = pm.Categorical("z", p=w, shape=len(x))
         pm.MvNormal("x", mu=mu[z], chol=chol[z], observed=x)
     return model
 
@@ -40,17 +46,8 @@ def _symmetric_root_mixture(x: np.ndarray, k: int) -> pm.Model:
     their square root), but ``S`` is no Cholesky factor. Its lower triangle can match
     the target's factor exactly while its upper one is not zero, so the factor's solve
     succeeds on the wrong covariance unless it is checked."""
-    d = x.shape[1]
-    rows, cols = np.tril_indices(d, -1)
     with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(k))
-        mu = pm.Flat("mu", shape=(k, d))
-        sd = pm.HalfFlat("sd", shape=(k, d))
-        off = pm.Flat("off", shape=(k, len(rows)))
-        root = pt.zeros((k, d, d))
-        root = pt.set_subtensor(root[:, np.arange(d), np.arange(d)], sd)
-        root = pt.set_subtensor(root[:, rows, cols], off)
-        root = pt.set_subtensor(root[:, cols, rows], off)
+        w, mu, root = _free_factor(k, x.shape[1], symmetric=True)
         comps = [pm.MvNormal.dist(mu=mu[j], cov=root[j] @ root[j].T) for j in range(k)]
         pm.Mixture("x", w=w, comp_dists=comps, observed=x)
     return model
