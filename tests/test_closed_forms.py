@@ -164,3 +164,28 @@ def test_closed_form_equals_the_exact_numeric_mstep(kind):
     a = m_step_from_resp(functions, closed, u0, gamma)
     b = m_step_from_resp(functions, numeric, u0, gamma)
     np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-9)
+
+
+def test_list_components_with_their_own_priors_each_get_their_own():
+    """Each list component's mean is its own scalar with its own Normal prior; the
+    conjugate update must shrink each towards its own prior (it once used the first
+    component's prior for both). Reference: a NumPy EM with the conjugate updates."""
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(-2.0, 1.0, 30), rng.normal(3.0, 1.0, 30)]
+    m0, s0 = np.array([0.0, 1.0]), np.array([0.5, 100.0])
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        means = [pm.Normal(f"m{k}", m0[k], s0[k]) for k in range(2)]
+        pm.Mixture("x", w=w, comp_dists=[pm.Normal.dist(m, 1.0) for m in means], observed=x)
+    start = {"w": np.array([0.5, 0.5]), "m0": np.array(-1.0), "m1": np.array(1.0)}
+    fit = ppl_em.fit(model, start=start, tol=1e-14, gap_tol=1e-12, progressbar=False,
+                     accelerate=None)  # fmt: skip
+    assert fit.prepared.config.plan.closed == {"w", "m0", "m1"}
+    w, mu = start["w"].copy(), np.array([-1.0, 1.0])
+    for _ in range(fit.n_iter):
+        dens = w * np.exp(-0.5 * (x[:, None] - mu) ** 2)
+        gamma = dens / dens.sum(axis=1, keepdims=True)
+        w, nk = gamma.mean(axis=0), gamma.sum(axis=0)
+        mu = (gamma.T @ x + m0 / s0**2) / (nk + 1.0 / s0**2)
+    np.testing.assert_allclose(fit.params["w"], w, rtol=1e-9)
+    np.testing.assert_allclose([fit.params["m0"], fit.params["m1"]], mu, rtol=1e-9)

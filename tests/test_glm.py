@@ -36,17 +36,34 @@ def _data(family: str, n: int = 600, seed: int = 3):
     return x, (rng.random(n) < expit(np.where(first, 1.0 + 4.0 * x, 1.0 - 4.0 * x))).astype(int)
 
 
-def _model(family: str, x, y, prior=pm.Normal) -> pm.Model:
+def _mixture_of(form: str, w, x, a, b, component, y) -> None:
+    """The regression mixture ``y`` as a PyMC user writes it: with a label
+    (``a[z] + b[z] * x``), or as a Mixture of batched components (``a + b * x[:, None]``,
+    shape (N, 2)) or of list components (``a[k] + b[k] * x``). ``component(eta, k)`` is
+    one component's ``(distribution, parameters)``; ``k`` indexes per-component
+    parameters: the label, a component's number, or None for batched components."""
+    if form == "label":
+        z = pm.Categorical("z", p=w, shape=x.size)
+        family, params = component(a[z] + b[z] * x, z)
+        family("y", observed=y, **params)
+        return
+    if form == "batched":
+        family, params = component(a + b * x[:, None], None)
+        comps = family.dist(**params)
+    else:
+        comps = [(lambda f, p: f.dist(**p))(*component(a[k] + b[k] * x, k)) for k in range(2)]
+    pm.Mixture("y", w=w, comp_dists=comps, observed=y)
+
+
+def _model(family: str, x, y, prior=pm.Normal, form: str = "label") -> pm.Model:
     with pm.Model() as model:
         w = pm.Dirichlet("w", a=np.ones(2))
         a = pm.Normal("a", 0.0, PRIOR_SD, shape=2)
         b = prior("b", 0.0, PRIOR_SD, shape=2) if prior is pm.Normal else prior("b", shape=2)
-        z = pm.Categorical("z", p=w, shape=x.size)
-        eta = a[z] + b[z] * x
         if family == "poisson":
-            pm.Poisson("y", mu=pt.exp(eta), observed=y)
+            _mixture_of(form, w, x, a, b, lambda e, k: (pm.Poisson, {"mu": pt.exp(e)}), y)
         else:
-            pm.Bernoulli("y", logit_p=eta, observed=y)
+            _mixture_of(form, w, x, a, b, lambda e, k: (pm.Bernoulli, {"logit_p": e}), y)
     return model
 
 
@@ -97,12 +114,22 @@ def test_exact_hessian_equals_differences_of_the_compiled_gradient(family):
 
 
 @pytest.mark.parametrize(
-    "family, accelerate", [("poisson", "auto"), ("bernoulli", "auto"), ("bernoulli", "squarem")]
+    "family, accelerate, form",
+    [
+        ("poisson", "auto", "label"),
+        ("bernoulli", "auto", "label"),
+        ("bernoulli", "squarem", "label"),
+        ("poisson", "auto", "batched"),
+        ("bernoulli", "auto", "list"),
+    ],
 )
-def test_regression_mixture_fit_matches_scipy_on_the_marginal_posterior(family, accelerate):
+def test_regression_mixture_fit_matches_scipy_on_the_marginal_posterior(family, accelerate, form):
+    """In each form a user writes it (:func:`_mixture_of`), IRLS fits it."""
     x, y = _data(family, n=1500)
-    fit = ppl_em.fit(_model(family, x, y), progressbar=False, tol=1e-10, accelerate=accelerate)
+    model = _model(family, x, y, form=form)
+    fit = ppl_em.fit(model, progressbar=False, tol=1e-10, accelerate=accelerate)
     assert fit.converged
+    assert [b.family for b in fit.prepared.config.plan.glm] == [f"{family}_glm"]
     if family == "bernoulli" and accelerate == "auto":
         # The logistic mixture's posterior is flat along the slopes (posterior sd about
         # 0.5), where EM alone (accelerate=None) took 1109 iterations and SQUAREM 230:
@@ -174,15 +201,18 @@ def _nb_data(n: int = 600, seed: int = 5):
     return x, rng.negative_binomial(alpha, alpha / (alpha + mu))
 
 
-def _nb_model(x, y, dispersion: str = "gamma") -> pm.Model:
+def _nb_model(x, y, dispersion: str = "gamma", form: str = "label") -> pm.Model:
     with pm.Model() as model:
         w = pm.Dirichlet("w", a=np.ones(2))
         a = pm.Normal("a", 0.0, PRIOR_SD, shape=2)
         b = pm.Normal("b", 0.0, PRIOR_SD, shape=2)
         alpha = DISPERSIONS[dispersion]()
-        z = pm.Categorical("z", p=w, shape=x.size)
-        alpha_z = alpha[z] if np.ndim(alpha) == 1 else alpha
-        pm.NegativeBinomial("y", mu=pt.exp(a[z] + b[z] * x), alpha=alpha_z, observed=y)
+
+        def component(eta, k):
+            each = np.ndim(alpha) == 1 and k is not None
+            return pm.NegativeBinomial, {"mu": pt.exp(eta), "alpha": alpha[k] if each else alpha}
+
+        _mixture_of(form, w, x, a, b, component, y)
     return model
 
 
@@ -272,10 +302,12 @@ def _nb_scipy_map(x, y, start: np.ndarray):
     return found.x, -found.fun
 
 
-def test_negative_binomial_fit_matches_scipy_on_the_marginal_posterior():
+@pytest.mark.parametrize("form", ["label", "batched", "list"])
+def test_negative_binomial_fit_matches_scipy_on_the_marginal_posterior(form):
     x, y = _nb_data(n=1500)
-    fit = ppl_em.fit(_nb_model(x, y), progressbar=False, tol=1e-10)
+    fit = ppl_em.fit(_nb_model(x, y, form=form), progressbar=False, tol=1e-10)
     assert fit.converged
+    assert [b.family for b in fit.prepared.config.plan.glm] == ["negative_binomial_glm"]
     p = fit.params
     start = np.r_[p["a"], p["b"], np.log(p["alpha"]), np.log(p["w"][1] / p["w"][0])]
     theta, best = _nb_scipy_map(x, y, start)

@@ -88,14 +88,22 @@ def categorical_lca():
     return m, {"w", "p"}
 
 
-def _regression_flat(x, y):
+def _regression_flat(x, y, form="label"):
+    """With a label, or a Mixture of batched (N, 2) or of list components."""
     with pm.Model() as m:
         w = pm.Dirichlet("w", a=np.ones(2))
         alpha = pm.Flat("alpha", shape=2)
         beta = pm.Flat("beta", shape=2)
         sigma = pm.HalfFlat("sigma", shape=2)
-        z = pm.Categorical("z", p=w, shape=len(y))
-        pm.Normal("y", mu=alpha[z] + beta[z] * x, sigma=sigma[z], observed=y)
+        if form == "label":
+            z = pm.Categorical("z", p=w, shape=len(y))
+            pm.Normal("y", mu=alpha[z] + beta[z] * x, sigma=sigma[z], observed=y)
+        elif form == "batched":
+            comps = pm.Normal.dist(mu=alpha + beta * x[:, None], sigma=sigma)
+            pm.Mixture("y", w=w, comp_dists=comps, observed=y)
+        else:
+            comps = [pm.Normal.dist(alpha[k] + beta[k] * x, sigma[k]) for k in range(2)]
+            pm.Mixture("y", w=w, comp_dists=comps, observed=y)
     return m, {"w", "alpha", "beta", "sigma"}
 
 
@@ -309,13 +317,16 @@ def test_a_narrow_component_far_from_the_centre_keeps_the_statistics_newton(monk
     assert a["sigma"][1] == pytest.approx(sd, rel=1e-3)
 
 
-def test_gaussian_regression_mixture_matches_a_numpy_em():
+@pytest.mark.parametrize("form", ["label", "batched", "list"])
+def test_gaussian_regression_mixture_matches_a_numpy_em(form):
     """Weighted least squares per component: the fit equals an EM for a mixture of
     linear regressions written here in NumPy, from the same start."""
     n = 400
-    x = RNG.uniform(-3, 3, n)
-    y = np.where(RNG.random(n) < 0.4, 1.0 + 2.0 * x, -1.0 - 0.5 * x) + RNG.normal(0, 0.6, n)
-    model, _ = _regression_flat(x, y)
+    rng = np.random.default_rng(11)
+    x = rng.uniform(-3, 3, n)
+    y = np.where(rng.random(n) < 0.4, 1.0 + 2.0 * x, -1.0 - 0.5 * x) + rng.normal(0, 0.6, n)
+    model, _ = _regression_flat(x, y, form)
+    assert "normal_linear" in [b.family for b in ppl_em.prepare(model).config.plan.blocks]
     start = {"w": np.array([0.5, 0.5]), "alpha": np.array([0.5, -0.5]),
              "beta": np.array([1.0, 0.0]), "sigma": np.array([1.0, 1.0])}  # fmt: skip
     fit = ppl_em.fit(model, mode="mle", start=start, tol=1e-14, gap_tol=1e-12,
@@ -361,3 +372,19 @@ def test_statistics_newton_recentres_where_sums_would_cancel(monkeypatch):
     b = functions.constrain(m_step_from_resp(functions, numeric, u0, gamma))
     for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
         np.testing.assert_allclose(va, vb, rtol=1e-6, err_msg=name)
+
+
+def test_list_components_with_different_covariates_are_not_one_regression():
+    """One regression needs the same covariates in every component; else each
+    coefficient is left to the numeric M-step, which still fits it."""
+    x = RNG.uniform(-3, 3, 50)
+    with pm.Model() as m:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        alpha = pm.Flat("alpha", shape=2)
+        beta = pm.Flat("beta", shape=2)
+        covariates = [x, x**2]
+        comps = [pm.Normal.dist(alpha[k] + beta[k] * covariates[k], 1.0) for k in range(2)]
+        pm.Mixture("y", w=w, comp_dists=comps, observed=np.sin(x))
+    plan = ppl_em.prepare(m).config.plan
+    assert [b.family for b in plan.blocks] == ["weights"]
+    assert {"alpha", "beta"} <= set(plan.reasons)

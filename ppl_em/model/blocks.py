@@ -17,7 +17,8 @@ from ppl_em.model.slots import DataRef, Slot, normalise
 
 # Which parameter of each family EM estimates; the others must be constants.
 FREE_OK = {"binomial": {"p"}, "bernoulli": {"p"}, "poisson": {"mu"},
-           "exponential": {"scale"}, "normal": {"mu", "sigma"}}  # fmt: skip
+           "exponential": {"scale"}, "normal": {"mu", "sigma"},
+           "negative_binomial": {"alpha"}}  # fmt: skip
 
 
 class Block(NamedTuple):

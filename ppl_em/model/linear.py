@@ -4,7 +4,8 @@ sigmoid) of one (:func:`glm_predictor`), and a negative binomial whose mean is `
 one, with a dispersion per component, shared or known (:func:`nb_block`).
 
 ``mu_i = b_0[z_i] + b_1[z_i] c_1i + ... + b_J[z_i] c_Ji``: each term is a per-component
-coefficient (``b[z]`` with ``b`` of shape (K,)), alone (an intercept) or times a
+coefficient (``b[z]`` with ``b`` of shape (K,); in a ``pm.Mixture``, ``b`` itself over
+batched components or ``b[k]`` in list component ``k``), alone (an intercept) or times a
 per-observation covariate ``c`` (a constant or ``pm.Data`` array with the observation
 axis first). Its M-step is weighted least squares per component, read off the
 weighted sums ``sum_i gamma_ik c_ji c_li``, ``sum_i gamma_ik c_ji y_i`` and
@@ -14,6 +15,7 @@ Hessian (IRLS, :mod:`ppl_em.steps.glm`).
 
 from __future__ import annotations
 
+import numpy as np
 from pymc.logprob.transforms import LogTransform
 from pytensor.graph.traversal import ancestors
 from pytensor.scalar import Add, Exp, Mul, TrueDiv
@@ -24,8 +26,8 @@ from pytensor.tensor.elemwise import Elemwise
 from ppl_em.model.blocks import Block, family_const, family_slot
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.priors import positive_prior, prior_of
-from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, strip
+from ppl_em.model.priors import positive_prior, slot_prior
+from ppl_em.model.slots import DataRef, Slot, param_slot, strip, value_of
 
 
 def _operands(expr: TensorVariable, scalar_op: type) -> list[TensorVariable] | None:
@@ -42,15 +44,15 @@ def _summands(expr: TensorVariable) -> list[TensorVariable]:
     return [term for part in parts for term in _summands(part)]
 
 
-def _term(term: TensorVariable, graph: MixtureGraph, data: DataSpec):
+def _term(term: TensorVariable, graph: MixtureGraph, data: DataSpec, k: int | None):
     """``(slot, covariate or None)`` of one summand, or None if it is not one."""
-    found = param_slot(term, graph, None, data)
+    found = param_slot(term, graph, k, data)
     if isinstance(found, tuple):
         return found, None
     factors = _operands(term, Mul)
     if factors is None or len(factors) != 2:
         return None
-    first, second = (param_slot(f, graph, None, data) for f in factors)
+    first, second = (param_slot(f, graph, k, data) for f in factors)
     if isinstance(first, DataRef):
         first, second = second, first
     if isinstance(first, tuple) and isinstance(second, DataRef):
@@ -58,17 +60,66 @@ def _term(term: TensorVariable, graph: MixtureGraph, data: DataSpec):
     return None
 
 
-def linear_terms(expr: TensorVariable, graph: MixtureGraph, data: DataSpec | None):
+def linear_terms(expr, graph: MixtureGraph, data: DataSpec | None, k: int | None = None):
     """The terms ``[(slot, covariate DataRef or None), ...]`` of a linear predictor with
-    at least one covariate and per-component coefficients, or None."""
-    if data is None or graph.kind != "label":
+    at least one covariate and per-component coefficients, or None; ``k`` as in
+    :func:`~ppl_em.model.slots.param_slot`."""
+    if data is None:
         return None
-    terms = [_term(t, graph, data) for t in _summands(strip(expr))]
+    terms = [_term(t, graph, data, k) for t in _summands(strip(expr))]
     if any(t is None for t in terms) or all(cov is None for _, cov in terms):
         return None
     if any(inverse or axes != ("k",) for (_, inverse, axes), _ in terms):
         return None
     return terms
+
+
+def _value(ref: DataRef, data: DataSpec) -> np.ndarray:
+    return ref.array if ref.name is None else value_of(data.leaves[data.names.index(ref.name)])
+
+
+def _same_covariate(a: DataRef | None, b: DataRef | None, data: DataSpec) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a.name is not None and a.name == b.name:
+        return True
+    return bool(np.array_equal(_value(a, data), _value(b, data)))
+
+
+def joint_terms(exprs: list, graph: MixtureGraph, data: DataSpec | None):
+    """The terms of the components' linear predictors (one expression for components
+    batched or indexed by the label, else one per list component), each coefficient
+    with one element per component. List components must have the same covariates in
+    the same order, each coefficient an element of its own."""
+    if len(exprs) == 1:
+        return linear_terms(exprs[0], graph, data)
+    per = [linear_terms(e, graph, data, k) for k, e in enumerate(exprs)]
+    if any(t is None for t in per) or len({len(t) for t in per}) != 1:
+        return None
+    joined = []
+    for column in zip(*per, strict=True):
+        refs = tuple(r for (found, *_), _ in column for r in found)
+        covariates = [cov for _, cov in column]
+        if len(set(refs)) != len(exprs):
+            return None
+        if not all(_same_covariate(c, covariates[0], data) for c in covariates):
+            return None
+        joined.append(((refs, False, ("k",)), covariates[0]))
+    return joined
+
+
+def _parameter(exprs: list, graph: MixtureGraph, data: DataSpec | None, name: str, family: str):
+    """A family parameter from its expressions (one, or one per list component): a
+    :class:`Slot`, a known (K,) array or :class:`DataRef`, a reason, or None."""
+    batched = len(exprs) == 1
+    found = [param_slot(e, graph, None if batched else k, data) for k, e in enumerate(exprs)]
+    if any(f is None for f in found):
+        return None
+    if all(isinstance(f, tuple) for f in found):
+        return family_slot(found, name, family)
+    if any(isinstance(f, tuple) for f in found):
+        return None
+    return family_const(found, name, graph, batched)
 
 
 # The inverse of each GLM family's canonical link, as PyMC writes it (``pm.math.exp``;
@@ -84,24 +135,22 @@ def glm_predictor(expr: TensorVariable, family: str) -> TensorVariable | None:
     return inner[0] if inner and len(inner) == 1 else None
 
 
-def linear_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | str | None:
-    """A Normal whose mean is a linear predictor (:func:`linear_terms`): slots
+def linear_block(graph: MixtureGraph, dists: list, data: DataSpec | None, name: str):
+    """Normals whose mean is a linear predictor (:func:`joint_terms`): slots
     ``b0, b1, ...`` (coefficients), ``sigma``; known ``x<j>`` covariates (DataRef)."""
-    mu, sigma = dist.owner.op.dist_params(dist.owner)
-    terms = linear_terms(mu, graph, data)
+    params = [d.owner.op.dist_params(d.owner) for d in dists]
+    terms = joint_terms([p[0] for p in params], graph, data)
     if terms is None:
         return None
     slots, consts = _coefficients(terms)
-    found = param_slot(sigma, graph, None, data)
-    made = family_slot([found], "sigma", "normal") if isinstance(found, tuple) else (
-        family_const([found], "sigma", graph, True) if found is not None else None)  # fmt: skip
+    made = _parameter([p[1] for p in params], graph, data, "sigma", "normal")
     if made is None or isinstance(made, DataRef):
         return "its scale is not a per-component parameter or constant"
     if isinstance(made, str):
         return made
     (slots if isinstance(made, Slot) else consts)["sigma"] = made
-    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
-    return Block("normal_linear", dist.name, slots, consts, priors)
+    priors = {n: slot_prior(slot.refs) for n, slot in slots.items()}
+    return Block("normal_linear", name, slots, consts, priors)
 
 
 def _coefficients(terms: list) -> tuple[dict, dict]:
@@ -114,17 +163,16 @@ def _coefficients(terms: list) -> tuple[dict, dict]:
     return slots, consts
 
 
-def glm_block(graph: MixtureGraph, dist, data: DataSpec | None, family: str) -> Block | None:
-    """A Poisson or Bernoulli regression: its mean is the inverse canonical link of a
+def glm_block(graph: MixtureGraph, dists: list, data: DataSpec | None, family: str, name: str):
+    """Poisson or Bernoulli regressions: the mean is the inverse canonical link of a
     linear predictor (:func:`glm_predictor`)."""
-    (param,) = dist.owner.op.dist_params(dist.owner)
-    eta = glm_predictor(param, family)
-    terms = None if eta is None else linear_terms(eta, graph, data)
+    etas = [glm_predictor(d.owner.op.dist_params(d.owner)[0], family) for d in dists]
+    terms = None if None in etas else joint_terms(etas, graph, data)
     if terms is None:
         return None
     slots, consts = _coefficients(terms)
-    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
-    return Block(f"{family}_glm", dist.name, slots, consts, priors)
+    priors = {n: slot_prior(slot.refs) for n, slot in slots.items()}
+    return Block(f"{family}_glm", name, slots, consts, priors)
 
 
 def _same(a: TensorVariable, b: TensorVariable) -> bool:
@@ -149,34 +197,34 @@ def nb_mean(dist) -> tuple[TensorVariable, TensorVariable] | None:
     return (n, means[0]) if len(means) == 1 else None
 
 
-def _dispersion(alpha, graph: MixtureGraph, data: DataSpec | None):
-    """The dispersion as a slot (per component or shared) or a (K,) constant, else None."""
-    found = param_slot(alpha, graph, None, data)
-    if isinstance(found, tuple):
-        refs, inverse, axes = found
-        return None if inverse or axes not in (("k",), ()) else Slot(refs, False, axes)
-    value = None if found is None or isinstance(found, DataRef) else normalise(found, graph)
-    return value if value is not None and not isinstance(value, DataRef) else None
+def _dispersion(alphas: list, graph: MixtureGraph, data: DataSpec | None):
+    """The dispersion as a slot in one free variable (per component or shared) or a
+    (K,) constant, else None."""
+    made = _parameter(alphas, graph, data, "alpha", "negative_binomial")
+    if isinstance(made, Slot):
+        one = len({rv for rv, _ in made.refs}) == 1
+        return made if one and not made.inverse and made.axes in (("k",), ()) else None
+    return made if isinstance(made, np.ndarray) else None
 
 
-def nb_block(graph: MixtureGraph, dist, data: DataSpec | None) -> Block | None:
-    """A negative-binomial regression: ``mu = exp(eta)`` of a linear predictor; slots
+def nb_block(graph: MixtureGraph, dists: list, data: DataSpec | None, name: str):
+    """Negative-binomial regressions: ``mu = exp(eta)`` of a linear predictor; slots
     ``b0, b1, ...`` and ``alpha`` (or a known ``alpha`` among the consts), whose prior is
-    read by :func:`ppl_em.model.priors.positive_prior`. One count per observation."""
-    parts = nb_mean(dist) if dist.ndim == 1 else None
-    eta = None if parts is None else glm_predictor(parts[1], "negative_binomial")
-    terms = None if eta is None else linear_terms(eta, graph, data)
-    alpha = None if terms is None else _dispersion(parts[0], graph, data)
+    read by :func:`ppl_em.model.priors.positive_prior`."""
+    parts = [nb_mean(d) for d in dists]
+    etas = None if None in parts else [glm_predictor(m, "negative_binomial") for _, m in parts]
+    terms = None if etas is None or None in etas else joint_terms(etas, graph, data)
+    alpha = None if terms is None else _dispersion([a for a, _ in parts], graph, data)
     if alpha is None:
         return None
     slots, consts = _coefficients(terms)
-    priors = {n: prior_of(slot.refs[0][0], "map") for n, slot in slots.items()}
+    priors = {n: slot_prior(slot.refs) for n, slot in slots.items()}
     if isinstance(alpha, Slot):
         slots["alpha"] = alpha
-        priors["alpha"] = positive_prior(alpha.refs[0][0])
+        priors["alpha"] = slot_prior(alpha.refs, positive_prior)
     else:
         consts["alpha"] = alpha
-    return Block("negative_binomial_glm", dist.name, slots, consts, priors)
+    return Block("negative_binomial_glm", name, slots, consts, priors)
 
 
 GLM = (

@@ -24,7 +24,7 @@ from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
 from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block, nb_block
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
-from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
+from ppl_em.model.priors import needed_support, prior_of, prior_ok, slot_prior, support
 from ppl_em.model.slots import DataRef, Slot, param_slot, shape_of, strip
 from ppl_em.model.slots import all_elements as _all
 
@@ -77,22 +77,13 @@ def _family_block(
     if isinstance(op, ptr.basic.CategoricalRV) and len(dists) == 1:
         return _categorical_block(graph, dists[0])
     family, names = FAMILIES.get(type(op), (None, None))
-    if isinstance(op, ptr.basic.NegBinomialRV) and len(dists) == 1:
-        nb = nb_block(graph, dists[0], data)
-        if nb is not None:
-            return nb
+    regression = _regression_block(graph, dists, data, data_name)
+    if regression is not None:
+        return regression
     if family is None or any(type(d.owner.op) is not type(op) for d in dists):
         return f"its component family {type(op).__name__} has no closed form in ppl_em"
     slots, consts, batched = {}, {}, len(dists) == 1
     items = _item_shape(graph, dists)
-    if family == "normal" and batched and not items:
-        linear = linear_block(graph, dists[0], data)
-        if linear is not None:
-            return linear
-    if family in INVERSE_LINKS and batched and not items:
-        glm = glm_block(graph, dists[0], data, family)
-        if glm is not None:
-            return glm
     for pos, name in enumerate(names):
         exprs = [d.owner.op.dist_params(d.owner)[pos] for d in dists]
         found = [param_slot(e, graph, None if batched else k, data, items)
@@ -110,8 +101,28 @@ def _family_block(
     reason = _consistent(family, slots, consts)
     if reason:
         return reason
-    priors = {n: prior_of(s.refs[0][0], "map") for n, s in slots.items()}
+    priors = {n: slot_prior(s.refs) for n, s in slots.items()}
     return Block(family, data_name, slots, consts, priors, int(np.prod(items)))
+
+
+def _regression_block(
+    graph: MixtureGraph, dists: list, data: DataSpec | None, data_name: str
+) -> Block | str | None:
+    """A regression component (:mod:`ppl_em.model.linear`), or None. Its readers take one
+    value per observation: a label model's (N,) dependent, a Mixture's batched
+    components of shape (N, K), or its list components of shape (N,)."""
+    op = dists[0].owner.op
+    ndim = 2 if graph.kind == "mixture" and len(dists) == 1 else 1
+    if any(type(d.owner.op) is not type(op) or d.ndim != ndim for d in dists):
+        return None
+    if isinstance(op, ptr.basic.NegBinomialRV):
+        return nb_block(graph, dists, data, data_name)
+    family = FAMILIES.get(type(op), (None,))[0]
+    if family == "normal":
+        return linear_block(graph, dists, data, data_name)
+    if family in INVERSE_LINKS:
+        return glm_block(graph, dists, data, family, data_name)
+    return None
 
 
 def _categorical_block(graph: MixtureGraph, dist) -> Block | str:
@@ -166,7 +177,7 @@ def _weights_block(graph: MixtureGraph) -> Block | None:
         return _weights_graph(graph, expr, family)
     slot = Slot(refs=found[0], inverse=found[1], axes=found[2])
     name = "p" if family == "bernoulli_label" else "w"
-    return Block(family, None, {name: slot}, {}, {name: prior_of(slot.refs[0][0], "map")})
+    return Block(family, None, {name: slot}, {}, {name: slot_prior(slot.refs)})
 
 
 def _weights_graph(graph: MixtureGraph, expr, family: str) -> Block | None:
