@@ -189,3 +189,31 @@ def test_list_components_with_their_own_priors_each_get_their_own():
         mu = (gamma.T @ x + m0 / s0**2) / (nk + 1.0 / s0**2)
     np.testing.assert_allclose(fit.params["w"], w, rtol=1e-9)
     np.testing.assert_allclose([fit.params["m0"], fit.params["m1"]], mu, rtol=1e-9)
+
+
+def test_a_prior_broadcast_over_the_items_is_read_item_by_item():
+    """Means of shape (K, D) with a Normal prior whose sd has shape (D,): each feature's
+    conjugate update uses its own prior sd (it once used the first for all). Reference:
+    a NumPy EM with the conjugate updates, from the same start."""
+    rng = np.random.default_rng(0)
+    n, d = 40, 3
+    x = rng.normal(np.array([[-3.0, 0.0, 5.0], [3.0, 2.0, -5.0]])[rng.integers(0, 2, n)], 1.0)
+    s0 = np.array([0.3, 10.0, 100.0])
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, s0, shape=(2, d))
+        z = pm.Categorical("z", p=w, shape=n)
+        pm.Normal("x", mu=mu[z], sigma=1.0, observed=x)
+    start = {"w": np.array([0.5, 0.5]), "mu": np.array([[-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])}
+    fit = ppl_em.fit(model, start=start, tol=1e-14, gap_tol=1e-12, progressbar=False,
+                     accelerate=None)  # fmt: skip
+    assert fit.prepared.config.plan.closed == {"w", "mu"}
+    w, mu = start["w"].copy(), start["mu"].copy()
+    for _ in range(fit.n_iter):
+        log_dens = np.log(w) - 0.5 * ((x[:, None, :] - mu[None]) ** 2).sum(axis=2)
+        gamma = np.exp(log_dens - log_dens.max(axis=1, keepdims=True))
+        gamma /= gamma.sum(axis=1, keepdims=True)
+        w, nk = gamma.mean(axis=0), gamma.sum(axis=0)
+        mu = (gamma.T @ x) / (nk[:, None] + 1.0 / s0**2)
+    np.testing.assert_allclose(fit.params["w"], w, rtol=1e-9)
+    np.testing.assert_allclose(fit.params["mu"], mu, rtol=1e-9)

@@ -42,14 +42,13 @@ def prior_of(rv: TensorVariable, mode: str) -> tuple | None:
 
 def slot_prior(refs: tuple, read=lambda rv: prior_of(rv, "map")) -> tuple | None:
     """The prior of a slot's elements ``refs`` (``((rv, flat index), ...)``) as ``read``
-    gives it: one free variable's whole, else (list components with a scalar each, say)
-    one kind whose hyperparameters are taken element by element, so each component is
-    shrunk towards its own prior; None if the kinds differ or one is unreadable."""
+    gives it, with each hyperparameter taken element by element: one value per element,
+    in the slot's order. So a prior broadcast over a variable (an sd per feature of a
+    (K, D) mean) and list components with a variable each are read right. None if the
+    kinds differ or one is unreadable."""
     rvs = list(dict.fromkeys(rv for rv, _ in refs))
     priors = {rv: read(rv) for rv in rvs}
     first = priors[rvs[0]]
-    if tuple(refs) == tuple((rvs[0], j) for j in range(int(np.prod(shape_of(rvs[0]))))):
-        return first
     if first is None or any(p is None or p[0] != first[0] for p in priors.values()):
         return None
     hyper = [np.array([np.broadcast_to(priors[rv][i], shape_of(rv)).reshape(-1)[e]

@@ -49,16 +49,12 @@ Batches = Callable[[], Iterable[tuple[np.ndarray, DataChunk]]]
 
 
 def _hyper(block: Block, name: str, mode: str, default: tuple) -> tuple:
-    """A slot's prior hyperparameters, one per value of the slot (or scalars)."""
+    """A slot's prior hyperparameters, one per value of the slot
+    (:func:`ppl_em.model.priors.slot_prior`), or the ``default`` scalars."""
     prior = block.priors.get(name)
     if mode == "mle" or prior is None or prior[0] in ("flat",):
         return default
-    size = len(block.slots[name].refs)
-    out = []
-    for h in prior[1:]:
-        h = np.asarray(h, dtype=float)
-        out.append(h.reshape(-1) if h.size == size else h.reshape(-1)[0] if h.size else h)
-    return tuple(out)
+    return tuple(np.asarray(h, dtype=float).reshape(len(block.slots[name].refs)) for h in prior[1:])
 
 
 def _pool(arr: np.ndarray, axes: tuple[str, ...]) -> np.ndarray:
