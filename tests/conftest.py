@@ -1,14 +1,13 @@
-import json
 import os
-from pathlib import Path
 
-import numpy as np
-import pytensor
-import pytest
-from pytensor.compile.mode import Mode
-from pytensor.link.vm import VMLinker
-
+# Before PyTensor is first imported: it reads its flags once, on import.
 os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
+if "cmodule__remove_gxx_opt" not in os.environ["PYTENSOR_FLAGS"]:
+    # The suite compiles hundreds of small C modules once each on a cold cache and runs
+    # them on small data: gcc without -O3 compiles them faster than -O3 code would save
+    # (benchmarks/README.md, "The workflow, cold"). Same generated code, same IEEE
+    # arithmetic up to fused multiply-adds; benchmarks and users keep -O3.
+    os.environ["PYTENSOR_FLAGS"] += ",cmodule__remove_gxx_opt=True"
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER and "compiledir_format" not in os.environ["PYTENSOR_FLAGS"]:
     # PyTensor lets one process at a time compile into a compile directory (a file
@@ -18,6 +17,15 @@ if _WORKER and "compiledir_format" not in os.environ["PYTENSOR_FLAGS"]:
         ",compiledir_format=compiledir_%(short_platform)s-%(processor)s-"
         f"%(python_version)s-%(python_bitwidth)s-{_WORKER}"
     )
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytensor  # noqa: E402
+import pytest  # noqa: E402
+from pytensor.compile.mode import Mode  # noqa: E402
+from pytensor.link.vm import VMLinker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
