@@ -1,4 +1,4 @@
-"""A closed-form block and the reading of one family parameter into it.
+"""A closed-form block, the reading of one family parameter into it, and its prior.
 
 A *block* is one component family (an observed dependent, the Mixture's components,
 or the label's weights) whose parameters are plain elements of free variables
@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ppl_em.model.graph import MixtureGraph
-from ppl_em.model.slots import DataRef, Slot, normalise
+from ppl_em.model.priors import prior_of
+from ppl_em.model.slots import DataRef, Slot, normalise, shape_of
 
 # Which parameter of each family EM estimates; the others must be constants.
 FREE_OK = {"binomial": {"p"}, "bernoulli": {"p"}, "poisson": {"mu"},
@@ -32,6 +33,22 @@ class Block(NamedTuple):
     consts: dict[str, np.ndarray]
     priors: dict[str, tuple]
     items: int = 1
+
+
+def slot_prior(refs: tuple, read=lambda rv: prior_of(rv, "map")) -> tuple | None:
+    """The prior of a slot's elements ``refs`` (``((rv, flat index), ...)``) as ``read``
+    gives it, with each hyperparameter taken element by element: one value per element,
+    in the slot's order. So a prior broadcast over a variable (an sd per feature of a
+    (K, D) mean) and list components with a variable each are read right. None if the
+    kinds differ or one is unreadable."""
+    rvs = list(dict.fromkeys(rv for rv, _ in refs))
+    priors = {rv: read(rv) for rv in rvs}
+    first = priors[rvs[0]]
+    if first is None or any(p is None or p[0] != first[0] for p in priors.values()):
+        return None
+    hyper = [np.array([np.broadcast_to(priors[rv][i], shape_of(rv)).reshape(-1)[e]
+                       for rv, e in refs]) for i in range(1, len(first))]  # fmt: skip
+    return (first[0], *hyper)
 
 
 def family_slot(found: list, name: str, family: str) -> Slot | str:

@@ -23,10 +23,10 @@ from pytensor.scalar.math import Sigmoid
 from pytensor.tensor import TensorConstant, TensorVariable
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.model.blocks import Block, family_const, family_slot
+from ppl_em.model.blocks import Block, family_const, family_slot, slot_prior
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
-from ppl_em.model.priors import positive_prior, slot_prior
+from ppl_em.model.priors import positive_prior
 from ppl_em.model.slots import DataRef, Slot, param_slot, strip, value_of
 
 

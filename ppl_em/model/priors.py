@@ -11,7 +11,6 @@ from pytensor.tensor import TensorVariable
 from pytensor.tensor import random as ptr
 
 from ppl_em.model.graph import MixtureGraph
-from ppl_em.model.slots import shape_of
 
 
 def prior_of(rv: TensorVariable, mode: str) -> tuple | None:
@@ -38,22 +37,6 @@ def prior_of(rv: TensorVariable, mode: str) -> tuple | None:
     if isinstance(op, FlatRV):
         return ("flat",)
     return None
-
-
-def slot_prior(refs: tuple, read=lambda rv: prior_of(rv, "map")) -> tuple | None:
-    """The prior of a slot's elements ``refs`` (``((rv, flat index), ...)``) as ``read``
-    gives it, with each hyperparameter taken element by element: one value per element,
-    in the slot's order. So a prior broadcast over a variable (an sd per feature of a
-    (K, D) mean) and list components with a variable each are read right. None if the
-    kinds differ or one is unreadable."""
-    rvs = list(dict.fromkeys(rv for rv, _ in refs))
-    priors = {rv: read(rv) for rv in rvs}
-    first = priors[rvs[0]]
-    if first is None or any(p is None or p[0] != first[0] for p in priors.values()):
-        return None
-    hyper = [np.array([np.broadcast_to(priors[rv][i], shape_of(rv)).reshape(-1)[e]
-                       for rv, e in refs]) for i in range(1, len(first))]  # fmt: skip
-    return (first[0], *hyper)
 
 
 def positive_prior(rv: TensorVariable) -> tuple | None:

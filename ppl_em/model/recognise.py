@@ -19,12 +19,12 @@ from pytensor.tensor import TensorVariable
 from pytensor.tensor import random as ptr
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
-from ppl_em.model.blocks import Block, family_const, family_slot
+from ppl_em.model.blocks import Block, family_const, family_slot, slot_prior
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
 from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block, nb_block
 from ppl_em.model.mvn_spec import MvnSpec, mvn_specs
-from ppl_em.model.priors import needed_support, prior_of, prior_ok, slot_prior, support
+from ppl_em.model.priors import needed_support, prior_of, prior_ok, support
 from ppl_em.model.slots import DataRef, Slot, param_slot, shape_of, strip
 from ppl_em.model.slots import all_elements as _all
 

@@ -50,7 +50,7 @@ Batches = Callable[[], Iterable[tuple[np.ndarray, DataChunk]]]
 
 def _hyper(block: Block, name: str, mode: str, default: tuple) -> tuple:
     """A slot's prior hyperparameters, one per value of the slot
-    (:func:`ppl_em.model.priors.slot_prior`), or the ``default`` scalars."""
+    (:func:`ppl_em.model.blocks.slot_prior`), or the ``default`` scalars."""
     prior = block.priors.get(name)
     if mode == "mle" or prior is None or prior[0] in ("flat",):
         return default

@@ -74,7 +74,7 @@ def _dispersion(functions: EMFunctions, block: Block) -> dict:
         return {**fields, "alpha": np.broadcast_to(block.consts["alpha"], (k,)).astype(float)}
     where = layout.slices[layout.rv_names.index(slot.refs[0][0].name)]
     entries = np.array([where.start + e for _, e in slot.refs])
-    # One hyperparameter per entry already (ppl_em.model.priors.slot_prior).
+    # One hyperparameter per entry already (ppl_em.model.blocks.slot_prior).
     prior = block.priors["alpha"] if functions.mode == "map" else None
     return {**fields, "log_alpha": np.broadcast_to(entries, (k,)), "alpha_prior": prior}
 
