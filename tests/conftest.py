@@ -2,12 +2,6 @@ import os
 
 # Before PyTensor is first imported: it reads its flags once, on import.
 os.environ.setdefault("PYTENSOR_FLAGS", "blas__ldflags=")
-if "cmodule__remove_gxx_opt" not in os.environ["PYTENSOR_FLAGS"]:
-    # The suite compiles hundreds of small C modules once each on a cold cache and runs
-    # them on small data: gcc without -O3 compiles them faster than -O3 code would save
-    # (benchmarks/README.md, "The workflow, cold"). Same generated code, same IEEE
-    # arithmetic up to fused multiply-adds; benchmarks and users keep -O3.
-    os.environ["PYTENSOR_FLAGS"] += ",cmodule__remove_gxx_opt=True"
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER and "compiledir_format" not in os.environ["PYTENSOR_FLAGS"]:
     # PyTensor lets one process at a time compile into a compile directory (a file
