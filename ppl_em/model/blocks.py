@@ -14,7 +14,7 @@ import numpy as np
 
 from ppl_em.model.graph import MixtureGraph
 from ppl_em.model.priors import prior_of
-from ppl_em.model.slots import DataRef, Slot, normalise, shape_of
+from ppl_em.model.slots import DataRef, Slot, normalise, param_slot, shape_of
 
 # Which parameter of each family EM estimates; the others must be constants.
 FREE_OK = {"binomial": {"p"}, "bernoulli": {"p"}, "poisson": {"mu"},
@@ -46,9 +46,25 @@ def slot_prior(refs: tuple, read=lambda rv: prior_of(rv, "map")) -> tuple | None
     first = priors[rvs[0]]
     if first is None or any(p is None or p[0] != first[0] for p in priors.values()):
         return None
-    hyper = [np.array([np.broadcast_to(priors[rv][i], shape_of(rv)).reshape(-1)[e]
-                       for rv, e in refs]) for i in range(1, len(first))]  # fmt: skip
-    return (first[0], *hyper)
+    flat = {rv: [np.broadcast_to(h, shape_of(rv)).reshape(-1) for h in p[1:]]
+            for rv, p in priors.items()}  # fmt: skip
+    return (first[0], *(np.array([flat[rv][i][e] for rv, e in refs])
+                        for i in range(len(first) - 1)))  # fmt: skip
+
+
+def read_parameter(exprs: list, graph: MixtureGraph, data, name: str, family: str, items=()):
+    """One family parameter from its expressions (one for batched or label-indexed
+    components, else one per list component): a :class:`Slot`, a known value (a (K,)
+    array or :class:`DataRef`), a reason it cannot be either, or None where it is not a
+    plain element of a free variable (or mixes those with constants)."""
+    batched = len(exprs) == 1
+    found = [param_slot(e, graph, None if batched else k, data, items)
+             for k, e in enumerate(exprs)]  # fmt: skip
+    is_slot = [isinstance(f, tuple) for f in found]
+    if any(f is None for f in found) or (any(is_slot) and not all(is_slot)):
+        return None
+    return family_slot(found, name, family) if is_slot[0] else family_const(
+        found, name, graph, batched)  # fmt: skip
 
 
 def family_slot(found: list, name: str, family: str) -> Slot | str:

@@ -23,7 +23,7 @@ from pytensor.scalar.math import Sigmoid
 from pytensor.tensor import TensorConstant, TensorVariable
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.model.blocks import Block, family_const, family_slot, slot_prior
+from ppl_em.model.blocks import Block, read_parameter, slot_prior
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
 from ppl_em.model.priors import positive_prior
@@ -108,20 +108,6 @@ def joint_terms(exprs: list, graph: MixtureGraph, data: DataSpec | None):
     return joined
 
 
-def _parameter(exprs: list, graph: MixtureGraph, data: DataSpec | None, name: str, family: str):
-    """A family parameter from its expressions (one, or one per list component): a
-    :class:`Slot`, a known (K,) array or :class:`DataRef`, a reason, or None."""
-    batched = len(exprs) == 1
-    found = [param_slot(e, graph, None if batched else k, data) for k, e in enumerate(exprs)]
-    if any(f is None for f in found):
-        return None
-    if all(isinstance(f, tuple) for f in found):
-        return family_slot(found, name, family)
-    if any(isinstance(f, tuple) for f in found):
-        return None
-    return family_const(found, name, graph, batched)
-
-
 # The inverse of each GLM family's canonical link, as PyMC writes it (``pm.math.exp``;
 # ``pm.math.invlogit`` or ``logit_p=``, which PyMC turns into ``sigmoid``); the negative
 # binomial's log link is not canonical, but it is the one its regressions use.
@@ -143,7 +129,7 @@ def linear_block(graph: MixtureGraph, dists: list, data: DataSpec | None, name: 
     if terms is None:
         return None
     slots, consts = _coefficients(terms)
-    made = _parameter([p[1] for p in params], graph, data, "sigma", "normal")
+    made = read_parameter([p[1] for p in params], graph, data, "sigma", "normal")
     if made is None or isinstance(made, DataRef):
         return "its scale is not a per-component parameter or constant"
     if isinstance(made, str):
@@ -200,7 +186,7 @@ def nb_mean(dist) -> tuple[TensorVariable, TensorVariable] | None:
 def _dispersion(alphas: list, graph: MixtureGraph, data: DataSpec | None):
     """The dispersion as a slot in one free variable (per component or shared) or a
     (K,) constant, else None."""
-    made = _parameter(alphas, graph, data, "alpha", "negative_binomial")
+    made = read_parameter(alphas, graph, data, "alpha", "negative_binomial")
     if isinstance(made, Slot):
         one = len({rv for rv, _ in made.refs}) == 1
         return made if one and not made.inverse and made.axes in (("k",), ()) else None

@@ -19,7 +19,7 @@ from pytensor.tensor import TensorVariable
 from pytensor.tensor import random as ptr
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
-from ppl_em.model.blocks import Block, family_const, family_slot, slot_prior
+from ppl_em.model.blocks import Block, read_parameter, slot_prior
 from ppl_em.model.data import DataSpec
 from ppl_em.model.graph import MixtureGraph, direct_users
 from ppl_em.model.linear import GLM, INVERSE_LINKS, glm_block, glm_ok, linear_block, nb_block
@@ -82,22 +82,16 @@ def _family_block(
         return regression
     if family is None or any(type(d.owner.op) is not type(op) for d in dists):
         return f"its component family {type(op).__name__} has no closed form in ppl_em"
-    slots, consts, batched = {}, {}, len(dists) == 1
+    slots, consts = {}, {}
     items = _item_shape(graph, dists)
     for pos, name in enumerate(names):
         exprs = [d.owner.op.dist_params(d.owner)[pos] for d in dists]
-        found = [param_slot(e, graph, None if batched else k, data, items)
-                 for k, e in enumerate(exprs)]  # fmt: skip
-        is_slot = [isinstance(f, tuple) for f in found]
-        if any(f is None for f in found) or (any(is_slot) and not all(is_slot)):
+        made = read_parameter(exprs, graph, data, name, family, items)
+        if made is None:
             return f"its parameter {name!r} is not a plain element of a free variable"
-        if is_slot[0]:
-            made = family_slot(found, name, family)
-        else:
-            made = family_const(found, name, graph, batched)
         if isinstance(made, str):
             return made
-        (slots if is_slot[0] else consts)[name] = made
+        (slots if isinstance(made, Slot) else consts)[name] = made
     reason = _consistent(family, slots, consts)
     if reason:
         return reason
