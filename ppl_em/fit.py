@@ -193,7 +193,9 @@ def fit(
         prepared = prepare(model, latent=latent, mode=mode or "map", mstep=mstep or "auto",
                            backend=backend_for(data) if big else "auto")  # fmt: skip
     prepared = apply_reg_covar(prepared, reg_covar)
-    prepared = prepared._replace(config=restarted(prepared.config))
+    prepared = prepared._replace(
+        functions=prepared.functions.restarted(), config=restarted(prepared.config)
+    )
     if weights is not None or labels is not None:
         observed = with_observations(prepared.functions, weights, labels)
         prepared = prepared._replace(functions=observed)

@@ -14,12 +14,13 @@ from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
 import ppl_em
+import ppl_em.compiled.functions as compiled_functions
 from ppl_em.compiled import build_em_functions
 from ppl_em.em import apply_start, default_start, em_init, em_step, run_em
 from ppl_em.model import analyse_model
 from ppl_em.steps import Expectations, e_step, joint, m_step, m_step_from_resp, whole_data
 from ppl_em.steps.passes import fused_estep
-from tests.models_for_tests import coin_label, gaussian_data
+from tests.models_for_tests import coin_label, gaussian_data, gaussian_label, mvnormal_mixture
 
 RNG = np.random.default_rng(11)
 X_GAUSS = gaussian_data(n=3000, seed=4)
@@ -245,6 +246,34 @@ def test_backend_choice_changes_speed_not_results():
         np.testing.assert_allclose(c.params[name], auto.params[name], rtol=1e-9)
     with pytest.raises(ValueError, match=r"backend='gpu' is not one of"):
         ppl_em.prepare(_flat_gaussian_mixture(x), backend="gpu")
+
+
+def test_a_small_numeric_fit_runs_q_on_numpy_ops_until_many_calls(monkeypatch):
+    """With a numeric M-step on a small data set Q starts on NumPy-backed Ops (compiling
+    it to C was most of a cold fit) and switches to C after ``SWITCH_CALLS`` calls; a
+    multivariate logp's Q is C from the start. Either way the fit is C's fit."""
+    x = gaussian_data(300, seed=2)
+    reference = ppl_em.fit(
+        prepared=ppl_em.prepare(gaussian_label(x), mstep="numeric", backend="c"),
+        progressbar=False,
+    )
+
+    def fit_auto():
+        prepared = ppl_em.prepare(gaussian_label(x), mstep="numeric")
+        return prepared, ppl_em.fit(prepared=prepared, progressbar=False)
+
+    prepared, short = fit_auto()
+    assert not prepared.functions.compiled_rows
+    assert not prepared.functions.q_and_grad.is_compiled
+    monkeypatch.setattr(compiled_functions, "SWITCH_CALLS", 20)
+    prepared, switched = fit_auto()
+    assert prepared.functions.q_and_grad.is_compiled
+    for fit in (short, switched):
+        assert fit.objective == pytest.approx(reference.objective, abs=1e-8)
+        for name in ("w", "mu", "sigma"):
+            np.testing.assert_allclose(fit.params[name], reference.params[name], rtol=1e-6)
+    mvn = ppl_em.prepare(mvnormal_mixture(RNG.normal(size=(40, 2))), mstep="numeric")
+    assert not isinstance(mvn.functions.q_and_grad, compiled_functions.SwitchingFunction)
 
 
 def test_label_with_per_observation_probabilities_joint_matches_scipy():

@@ -21,8 +21,10 @@ from pymc.pytensorf import compile as pymc_compile
 from pytensor import Out
 from pytensor.compile.mode import Mode, get_mode
 from pytensor.graph.replace import graph_replace
+from pytensor.graph.traversal import ancestors
 from pytensor.link.vm import VMLinker
 from pytensor.tensor import TensorVariable
+from pytensor.tensor.blockwise import Blockwise
 from threadpoolctl import ThreadpoolController
 
 from ppl_em.compiled.hoist import DataTerms, hoist_data_terms
@@ -78,6 +80,12 @@ class EMFunctions(NamedTuple):
     def data_names(self) -> tuple[str, ...]:
         return self.spec.names
 
+    def restarted(self) -> EMFunctions:
+        """These functions for a new fit: where Q switches from NumPy-backed Ops to C is
+        decided by this fit alone (:class:`SwitchingFunction`)."""
+        q = self.q_and_grad
+        return self._replace(q_and_grad=q.restarted()) if isinstance(q, SwitchingFunction) else self
+
     def observed(self) -> dict[str, np.ndarray]:
         """The dependents' observed arrays (of the data these functions hold), by name."""
         data = dict(zip(self.spec.names, self.data, strict=True))
@@ -94,6 +102,11 @@ class EMFunctions(NamedTuple):
 # Below this many cells (N x K) the E-step is fast in any backend, and compiling C code
 # (tens of seconds on a cold cache) would dominate the fit: use NumPy-backed Ops.
 SMALL_CELLS = 200_000
+# With a numeric M-step the rows and Q are called hundreds of times, and C pays off
+# sooner: below this many cells a call on NumPy-backed Ops costs 1.6-2 ms (Q and its
+# gradient of a 1-D mixture; C 0.1-0.2 ms), and compiling both to C took 25 s of a 28 s
+# first fit (benchmarks/README.md).
+SMALL_NUMERIC_CELLS = 20_000
 
 
 def backend_mode(backend: str) -> Mode:
@@ -161,6 +174,49 @@ class LazyFunction:
         args = self.full_args(args)
         with self.lock:
             return self.compiled(*args)
+
+
+# Calls on NumPy-backed Ops before a switching function compiles C: for a block's Q of
+# the statistics (430 us a call) about 0.4 s of them, a fit of some 25 EM iterations;
+# for Q of a small data set (1.6-2 ms a call below SMALL_NUMERIC_CELLS) about 2 s,
+# against 20 s to compile Q and its gradient cold (benchmarks/README.md).
+SWITCH_CALLS = 1000
+
+
+class SwitchingFunction:
+    """A function on NumPy-backed Ops (a fraction of a second to compile, 0.4-2 ms a
+    call) for its first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile
+    cold, 20-100 us a call). A short fit never pays for C; a longer one pays a second
+    or two before switching.
+
+    The two round differently, and a flat objective (a stick-breaking prior's spare
+    components) carries that difference far, so where the switch falls is decided per
+    fit, on a :meth:`restarted` copy (the compiled functions are shared): a fit counts
+    its own calls, or runs C throughout once an earlier fit has compiled it. Fits of
+    freshly prepared models take the same arithmetic, and so do the fits of one
+    prepared model once its C version is compiled."""
+
+    def __init__(self, python: LazyFunction, c: LazyFunction, calls: int = 0) -> None:
+        self._python, self._c = python, c
+        self._calls = calls
+
+    @classmethod
+    def of(cls, inputs: list, outputs: list, terms=None) -> SwitchingFunction:
+        return cls(LazyFunction(inputs, outputs, backend_mode("python"), terms=terms),
+                   LazyFunction(inputs, outputs, backend_mode("c"), terms=terms))  # fmt: skip
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the C version is compiled (every later fit runs it throughout)."""
+        return self._c.is_compiled
+
+    def restarted(self) -> SwitchingFunction:
+        calls = SWITCH_CALLS if self._c.is_compiled else 0
+        return SwitchingFunction(self._python, self._c, calls)
+
+    def __call__(self, *args):
+        self._calls += 1
+        return (self._python if self._calls <= SWITCH_CALLS else self._c)(*args)
 
 
 class InitialPoint:
@@ -231,17 +287,31 @@ def _q_graph(rows, extra, logprior, mode: str, flat, k: int):
     return [gamma_t, weight], [q, pt.grad(q, flat)]
 
 
-def _backends(backend: str, graph: MixtureGraph, numeric: bool) -> tuple[str, str, str]:
-    """(rows, Q, small graphs) backends. ``"auto"``: NumPy-backed rows for at most
-    ``SMALL_CELLS`` cells without a numeric M-step (C compilation would dominate a
-    small fit; with a numeric M-step Q is C anyway, and C rows run many E-steps faster),
-    C for Q and its gradient (NumPy-backed Blockwise gradients of multivariate logps
-    are far slower: benchmarks/README.md), NumPy-backed transforms and fixed terms."""
+def _backends(backend: str, graph: MixtureGraph, numeric: bool, multivariate: bool):
+    """(rows, Q, small graphs) backends. ``"auto"``: for at most ``SMALL_NUMERIC_CELLS``
+    cells and no multivariate logp, NumPy-backed rows and a Q that switches to C after
+    ``SWITCH_CALLS`` calls (compiling both to C is most of a small fit's time, cold);
+    otherwise C for Q and its gradient (NumPy-backed Blockwise gradients of
+    multivariate logps are far slower: benchmarks/README.md), and NumPy-backed rows for
+    at most ``SMALL_CELLS`` cells without a numeric M-step (C rows run many E-steps
+    faster); NumPy-backed transforms and fixed terms."""
     if backend != "auto":
         backend_mode(backend)  # refuses an unknown name
         return backend, backend, backend
-    small = graph.n_obs * graph.n_components <= SMALL_CELLS and not numeric
-    return ("python" if small else "c"), "c", "python"
+    cells = graph.n_obs * graph.n_components
+    small = cells <= SMALL_NUMERIC_CELLS and not multivariate
+    rows = small if numeric else cells <= SMALL_CELLS
+    return ("python" if rows else "c"), ("switch" if small else "c"), "python"
+
+
+def _has_blockwise(outputs: list) -> bool:
+    return any(isinstance(v.owner.op, Blockwise) for v in ancestors(outputs) if v.owner)
+
+
+def _q_function(inputs: list, outputs: list, backend: str, terms) -> Callable:
+    if backend == "switch":
+        return SwitchingFunction.of(inputs, outputs, terms)
+    return LazyFunction(inputs, outputs, backend_mode(backend), terms=terms)
 
 
 def build_em_functions(
@@ -253,19 +323,19 @@ def build_em_functions(
 ) -> EMFunctions:
     """Compile everything one EM fit of ``graph`` needs (the slow, once-per-model part).
 
-    ``backend`` is one of ``BACKENDS`` (see :func:`backend_mode` and :func:`_modes`);
+    ``backend`` is one of ``BACKENDS`` (see :func:`backend_mode` and :func:`_backends`);
     ``numeric`` says a numeric M-step will run; ``broadcast_label=False`` builds the
     label's rows over chunk-long label values (:func:`ppl_em.model.joint.label_rows`).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}: 'map' adds the log prior.")
-    rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric)
-    rows_mode, q_mode, tiny = map(backend_mode, (rows_backend, q_backend, tiny_backend))
     spec = data_spec(graph)
     layout = flat_layout(graph)
     flat = pt.vector("u", dtype="float64")
     replace = flat_replacements(graph, layout, flat)
     rows = graph_replace(joint_rows(graph, spec, broadcast_label), replace, strict=False)
+    rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric, _has_blockwise(rows))
+    rows_mode, tiny = backend_mode(rows_backend), backend_mode(tiny_backend)
     extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
     chunk, fixed_in = list(spec.inputs), list(spec.fixed_inputs)
     rows, term_in, term_graphs = hoist_data_terms(rows, chunk)
@@ -289,11 +359,11 @@ def build_em_functions(
             (terms, slice(1, 1 + n)) if terms else None,
         ),
         fixed=LazyFunction([flat, *fixed_in], [extra, logprior], tiny),
-        q_and_grad=LazyFunction(
+        q_and_grad=_q_function(
             [flat, *q_inputs, *chunk, *fixed_in, *term_in],
             q_outputs,
-            q_mode,
-            terms=(terms, slice(3, 3 + n)) if terms else None,
+            q_backend,
+            (terms, slice(3, 3 + n)) if terms else None,
         ),
         constrain=LazyFunction([flat], constrained, tiny),
         unconstrain=LazyFunction([flat, *param_inputs], forward, tiny),

@@ -31,7 +31,7 @@ import numpy as np
 import pytensor.tensor as pt
 from pytensor.graph.replace import graph_replace
 
-from ppl_em.compiled.functions import EMFunctions, LazyFunction, backend_mode
+from ppl_em.compiled.functions import EMFunctions, LazyFunction, SwitchingFunction, backend_mode
 from ppl_em.model.blocks import Block
 from ppl_em.model.slots import DataRef
 
@@ -50,42 +50,6 @@ class StatsQ(NamedTuple):
         if isinstance(self.q, SwitchingFunction):
             return self._replace(q=self.q.restarted())
         return self
-
-
-# Calls on NumPy-backed Ops before Q is compiled to C: about 0.4 s of them, a fit of
-# some 25 EM iterations (benchmarks/README.md).
-SWITCH_CALLS = 1000
-
-
-class SwitchingFunction:
-    """Q and its gradient on NumPy-backed Ops (0.3 s to compile, 430 us a call) for the
-    first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile cold, 20 us a
-    call). Newton calls it dozens of times per M-step: a short fit never pays for C, a
-    longer one pays at most about 0.4 s before switching.
-
-    The two round differently, and a flat objective (a stick-breaking prior's spare
-    components) carries that difference far, so where the switch falls is decided per
-    fit, on a :meth:`restarted` copy (the compiled functions are shared): a fit counts
-    its own calls, or runs C throughout once an earlier fit has compiled it. Fits of
-    freshly prepared models take the same arithmetic, and so do the fits of one
-    prepared model once its C version is compiled."""
-
-    def __init__(self, python: LazyFunction, c: LazyFunction, calls: int = 0) -> None:
-        self._python, self._c = python, c
-        self._calls = calls
-
-    @classmethod
-    def of(cls, inputs: list, outputs: list) -> SwitchingFunction:
-        return cls(LazyFunction(inputs, outputs, backend_mode("python")),
-                   LazyFunction(inputs, outputs, backend_mode("c")))  # fmt: skip
-
-    def restarted(self) -> SwitchingFunction:
-        calls = SWITCH_CALLS if self._c.is_compiled else 0
-        return SwitchingFunction(self._python, self._c, calls)
-
-    def __call__(self, *args):
-        self._calls += 1
-        return (self._python if self._calls <= SWITCH_CALLS else self._c)(*args)
 
 
 def _grid(values, axes: tuple[str, ...], k: int, d: int):

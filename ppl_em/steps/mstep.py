@@ -108,7 +108,7 @@ def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
 
 def restarted(config: MStepConfig) -> MStepConfig:
     """``config`` for a new fit: where its blocks' Q switch from NumPy-backed Ops to C
-    is decided by this fit alone (:class:`ppl_em.compiled.stats_q.SwitchingFunction`)."""
+    is decided by this fit alone (:class:`ppl_em.compiled.functions.SwitchingFunction`)."""
     return config._replace(statistics=tuple(sq.restarted() for sq in config.statistics))
 
 
