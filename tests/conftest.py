@@ -25,6 +25,10 @@ import pytest  # noqa: E402
 from pytensor.compile.mode import Mode  # noqa: E402
 from pytensor.link.vm import VMLinker  # noqa: E402
 
+from tests._compile_cache import use_precompiled_header  # noqa: E402
+
+use_precompiled_header()
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 # grad_reduction for a numeric M-step that is Q's exact maximiser, not the generalised
