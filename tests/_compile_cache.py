@@ -3,8 +3,9 @@
 Each of the suite's ~500 C modules begins with the same six includes (Python, NumPy,
 PyTensor's helper), and parsing them is most of the 0.45-0.6 s gcc takes per module.
 GCC reads ``Python.h.gch`` in place of ``Python.h`` when it is valid for the
-module's options, and the modules it builds are byte for byte those built without it
-(``benchmarks/README.md``, "The test suite's C compilation"); where it is not valid (an
+module's options, and the modules it builds have the machine code of those built
+without it (byte for byte, built to the same path: ``benchmarks/README.md``, "The test
+suite's C compilation"); where it is not valid (an
 Op with other options) gcc silently parses the headers as before. Users' compilations
 are not touched: this only adds an include directory to the tests' PyTensor flags.
 """
@@ -32,8 +33,8 @@ HEADER = """#ifndef PPL_EM_TESTS_PCH
 #include <numpy/npy_math.h>
 #endif
 """
-# CLinker's own arguments, and those of the elementwise Ops (which every module here
-# carries); a second header without the latter serves the other modules.
+# CLinker's own arguments, and those of the elementwise Ops (which most modules carry);
+# a second header without the latter serves the other modules.
 LINKER_ARGS = ["-O3", "-fno-math-errno", "-Wno-unused-label", "-Wno-unused-variable",
                "-Wno-write-strings"]  # fmt: skip
 ELEMWISE_ARGS = ["-fno-exceptions", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]
