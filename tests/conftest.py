@@ -27,13 +27,19 @@ from pytensor.link.vm import VMLinker  # noqa: E402
 
 from tests._compile_cache import use_precompiled_header  # noqa: E402
 
-use_precompiled_header()
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 # grad_reduction for a numeric M-step that is Q's exact maximiser, not the generalised
 # step EM takes by default (ppl_em.mstep.GEM_GRAD_REDUCTION).
 EXACT = 0.0
+
+
+def pytest_configure(config):
+    """Before any test module is imported: a precompiled header for the C this process
+    compiles. pytest-xdist's controller runs no tests, so it builds none."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    use_precompiled_header()
 
 
 @pytest.fixture(scope="session")

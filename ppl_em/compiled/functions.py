@@ -103,9 +103,9 @@ class EMFunctions(NamedTuple):
 # (tens of seconds on a cold cache) would dominate the fit: use NumPy-backed Ops.
 SMALL_CELLS = 200_000
 # With a numeric M-step the rows and Q are called hundreds of times, and C pays off
-# sooner: below this many cells a call on NumPy-backed Ops costs 1.6-2 ms (Q and its
-# gradient of a 1-D mixture; C 0.1-0.2 ms), and compiling both to C took 25 s of a 28 s
-# first fit (benchmarks/README.md).
+# sooner: at 900-9000 cells a call of Q and its gradient on NumPy-backed Ops took
+# 1.6-2.1 ms (C 0.09-0.17 ms), 3.2 ms at 90 000, and compiling rows and Q to C took
+# 25 s of a 28 s first fit (benchmarks/README.md).
 SMALL_NUMERIC_CELLS = 20_000
 
 
@@ -178,16 +178,16 @@ class LazyFunction:
 
 # Calls on NumPy-backed Ops before a switching function compiles C: for a block's Q of
 # the statistics (430 us a call) about 0.4 s of them, a fit of some 25 EM iterations;
-# for Q of a small data set (1.6-2 ms a call below SMALL_NUMERIC_CELLS) about 2 s,
+# for Q of a small data set (about 2 ms a call below SMALL_NUMERIC_CELLS) about 2 s,
 # against 20 s to compile Q and its gradient cold (benchmarks/README.md).
 SWITCH_CALLS = 1000
 
 
 class SwitchingFunction:
-    """A function on NumPy-backed Ops (a fraction of a second to compile, 0.4-2 ms a
-    call) for its first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile
-    cold, 20-100 us a call). A short fit never pays for C; a longer one pays a second
-    or two before switching.
+    """A function on NumPy-backed Ops (0.3-1.2 s to build, 0.4-2 ms a call) for its
+    first ``SWITCH_CALLS`` calls, then compiled C (seconds to compile cold, 20-170 us a
+    call). A short fit never pays for C; a longer one pays a second or two before
+    switching.
 
     The two round differently, and a flat objective (a stick-breaking prior's spare
     components) carries that difference far, so where the switch falls is decided per
