@@ -141,9 +141,9 @@ def rows_for(label: str, model: pm.Model, n: int, numeric: bool, slow: bool = Fa
         t, other = timed(fit_with)
         out[f"EM (accelerate={accelerate!r})"] = (t, other.objective, other.n_iter)
     if numeric:
-        slow = ppl_em.prepare(model, mstep="numeric")
-        ppl_em.fit(model, prepared=slow, progressbar=False, max_iter=2)
-        t, fit = timed(lambda: ppl_em.fit(model, prepared=slow, progressbar=False))
+        generic = ppl_em.prepare(model, mstep="numeric")
+        ppl_em.fit(model, prepared=generic, progressbar=False, max_iter=2)
+        t, fit = timed(lambda: ppl_em.fit(model, prepared=generic, progressbar=False))
         out["EM (mstep='numeric')"] = (t, fit.objective, fit.n_iter)
     marg = marginal_model(model, fit)
     with warnings.catch_warnings():

@@ -1,6 +1,8 @@
 """SQUAREM reaches plain EM's optimum with fewer E-steps, never lowering the objective;
 the fused E-step's statistics equal a hand-written NumPy computation."""
 
+import itertools
+
 import numpy as np
 import pymc as pm
 import pytest
@@ -293,3 +295,30 @@ def test_a_moderate_crawl_of_a_numeric_m_step_gets_an_ascent():
     assert auto.converged and plain.converged
     assert auto.n_estep < plain.n_estep / 2
     assert auto.state.objective >= plain.state.objective - 1e-9
+
+
+def test_the_first_ascent_comes_once_the_rate_is_measured_twice(monkeypatch):
+    """A logistic-regression mixture crawls from its start (EM alone took 1109
+    iterations): its first ascent runs after ``FIRST`` EM iterations, not after
+    ``SPACING`` as a later one does, and the fit reaches SciPy's optimum of the
+    marginal posterior."""
+    from ppl_em.em import loop
+    from ppl_em.em.marginal import FIRST, SPACING
+    from tests.test_glm import _data, _model, _scipy_map
+
+    after = []
+
+    def recorded(functions, config, state, data, history, gap_tol):
+        after.append(len(history) - 1)
+        return ascend(functions, config, state, data, history, gap_tol)
+
+    ascend = loop._ascend
+    monkeypatch.setattr(loop, "_ascend", recorded)
+    x, y = _data("bernoulli", n=1500)
+    fit = ppl_em.fit(_model("bernoulli", x, y), progressbar=False, tol=1e-10)
+    assert fit.converged
+    assert FIRST < SPACING and after[0] == FIRST
+    assert all(b - a > SPACING for a, b in itertools.pairwise(after))
+    start = np.r_[fit.params["a"], fit.params["b"], np.log(fit.params["w"][1] / fit.params["w"][0])]
+    _, best = _scipy_map("bernoulli", x, y, start)
+    assert fit.log_posterior == pytest.approx(best, abs=1e-6)

@@ -187,3 +187,104 @@ def test_failed_parameter_check_still_gives_minus_inf(backend):
         before = matrix.copy()
         joint(functions, u + 0.1)
         np.testing.assert_array_equal(matrix, before)
+
+
+def _logistic_mixture(backend: str):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-2.0, 2.0, 500)
+    y = (rng.random(500) < 0.5).astype(int)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        a = pm.Flat("a", shape=2)
+        b = pm.Flat("b", shape=2)
+        z = pm.Categorical("z", p=w, shape=x.size)
+        pm.Bernoulli("y", logit_p=a[z] + b[z] * x, observed=y)
+    return x, y, ppl_em.prepare(model, mode="mle", backend=backend).functions
+
+
+def _logistic_point(functions, w, a, b) -> np.ndarray:
+    """``u`` at these values; ``a`` and ``b`` (Flat: no transform) may be infinite or
+    NaN, which a start refuses."""
+    u = apply_start(functions, {"w": w}, np.zeros(functions.layout.size))
+    layout = functions.layout
+    for name, value in (("a", a), ("b", b)):
+        u[layout.slices[layout.rv_names.index(name)]] = value
+    return u
+
+
+def _scalar_ops(outputs, kind) -> int:
+    nodes = applys_between(list(graph_inputs(outputs)), outputs)
+    return sum(isinstance(getattr(n.op, "scalar_op", None), kind) for n in nodes)
+
+
+@pytest.mark.parametrize("backend", ["c", "python"])
+def test_a_logistic_component_takes_one_softplus_per_observation(backend):
+    """PyMC's Bernoulli on ``logit_p`` computes both ``log(p)`` and ``log1p(-p)`` of
+    ``p = sigmoid(eta)`` and checks ``0 <= p <= 1`` on every element; the rows take one
+    softplus per element and component, no sigmoid, and equal the rows as PyMC builds
+    them (compiled by the same backend) bit for bit, and SciPy's log-sigmoid: at
+    ordinary, large and infinite predictors. A NaN predictor still fails the check."""
+    from pymc.pytensorf import compile as pymc_compile
+    from pytensor.scalar import Softplus
+    from pytensor.scalar.math import Sigmoid
+    from scipy.special import log_expit
+
+    from ppl_em.compiled.functions import backend_mode
+
+    x, y, functions = _logistic_mixture(backend)
+    _, outputs, _ = _rows_graph(functions)
+    plain_inputs, plain_rows = _plain_rows(functions)
+    assert _scalar_ops(plain_rows, Sigmoid) > 0
+    assert _scalar_ops(outputs[:2], Sigmoid) == 0
+    assert _scalar_ops(outputs[:2], Softplus) == 2
+    # compiled as the rows are: PyMC's compile makes a failed check -inf
+    plain = pymc_compile(plain_inputs, plain_rows, mode=backend_mode(backend))
+    w = np.array([0.3, 0.7])
+    for a, b in [([0.5, -1.0], [2.0, -3.0]), ([30.0, -2.0], [400.0, -400.0]),
+                 ([np.inf, 0.0], [1.0, -1.0]), ([0.0, -np.inf], [0.0, 0.0])]:  # fmt: skip
+        u = _logistic_point(functions, w, a, b)
+        rows = joint(functions, u)
+        np.testing.assert_array_equal(rows, np.stack(plain(u, *functions.data), axis=1))
+        eta = np.asarray(a)[None, :] + np.asarray(b)[None, :] * x[:, None]
+        with np.errstate(invalid="ignore"):
+            expected = np.log(w) + np.where(y[:, None] == 1, log_expit(eta), log_expit(-eta))
+        np.testing.assert_allclose(rows, expected, rtol=1e-13, atol=0)
+    u = _logistic_point(functions, w, [np.nan, 0.0], [1.0, 1.0])
+    rows = joint(functions, u)
+    np.testing.assert_array_equal(rows, np.stack(plain(u, *functions.data), axis=1))
+    assert np.all(rows[:, 0] == -np.inf) and np.all(np.isfinite(rows[:, 1]))
+
+
+@pytest.mark.parametrize("form", ["label", "list", "batched"])
+def test_each_form_of_a_logistic_mixture_takes_the_softplus_rows(form):
+    """The label, list and batched forms a user writes (``tests/test_glm.py``) give
+    SciPy's log-sigmoid at ordinary and at large predictors. In the first two PyTensor's
+    own rewrites make PyMC's rows the same softplus (equal bit for bit); in the batched
+    one each component's ``p`` is a column of one ``sigmoid`` of an (N, 2) predictor,
+    which PyTensor leaves as ``log(sigmoid(x))``: 6e-14 off at ordinary predictors and
+    ``-inf`` where ``sigmoid`` rounds to 0 or 1, where the rows stay right."""
+    from pymc.pytensorf import compile as pymc_compile
+    from pytensor.scalar import Softplus
+    from pytensor.scalar.math import Sigmoid
+    from scipy.special import log_expit
+
+    from tests.test_glm import _data, _model
+
+    x, y = _data("bernoulli", n=300)
+    functions = ppl_em.prepare(_model("bernoulli", x, y, form=form)).functions
+    _, outputs, mode = _rows_graph(functions)
+    assert (_scalar_ops(outputs[:2], Sigmoid), _scalar_ops(outputs[:2], Softplus)) == (0, 2)
+    plain_inputs, plain_rows = _plain_rows(functions)
+    plain = pymc_compile(plain_inputs, plain_rows, mode=mode)
+    for scale in (2.0, 200.0):
+        u = np.random.default_rng(4).normal(0.0, scale, functions.layout.size)
+        rows = joint(functions, u)
+        values = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
+        eta = values["a"][None, :] + values["b"][None, :] * x[:, None]
+        expected = np.log(values["w"]) + np.where(y[:, None] == 1, log_expit(eta), log_expit(-eta))
+        np.testing.assert_allclose(rows, expected, rtol=1e-13, atol=0)
+        theirs = np.stack(plain(u, *functions.data), axis=1)
+        if form != "batched":
+            np.testing.assert_array_equal(rows, theirs)
+        elif scale > 100:
+            assert np.isinf(theirs).any()

@@ -30,7 +30,7 @@ from threadpoolctl import ThreadpoolController
 from ppl_em.compiled.hoist import DataTerms, hoist_data_terms
 from ppl_em.compiled.layout import FlatLayout, flat_layout, flat_replacements, transform_graphs
 from ppl_em.compiled.numpy_ops import numpy_mode
-from ppl_em.compiled.rewrites import checks_as_flags, solves_as_products
+from ppl_em.compiled.rewrites import checks_as_flags, logistic_as_softplus, solves_as_products
 from ppl_em.model.data import DataSpec, data_arrays, data_spec
 from ppl_em.model.graph import MixtureGraph
 from ppl_em.model.joint import fixed_terms, joint_rows
@@ -334,6 +334,7 @@ def build_em_functions(
     flat = pt.vector("u", dtype="float64")
     replace = flat_replacements(graph, layout, flat)
     rows = graph_replace(joint_rows(graph, spec, broadcast_label), replace, strict=False)
+    rows = logistic_as_softplus(rows)
     rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric, _has_blockwise(rows))
     rows_mode, tiny = backend_mode(rows_backend), backend_mode(tiny_backend)
     extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)

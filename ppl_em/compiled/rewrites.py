@@ -1,4 +1,5 @@
-"""Rewrites of the E-step's joint graph that change its cost, not its value.
+"""Rewrites of the E-step's joint graph that change its cost, not its value (one also
+mends values PyTensor's own form loses, below).
 
 PyMC's MvNormal logp whitens the N deviations with one triangular solve per component,
 ``L^-1 (x - mu)^T`` with N right-hand sides. LAPACK's ``trtrs`` on a D x N block runs
@@ -15,6 +16,17 @@ condition becomes a flag per row, applied after the call (a failed check makes i
 rows ``-inf``, as the switch does); a division by a single value becomes a product
 with its reciprocal (within 2 ulp). Only for the C backend: NumPy-backed Ops ran the
 unchecked rows slower. ``benchmarks/README.md`` has the measurements of both rewrites.
+
+PyMC's Bernoulli on ``logit_p`` computes ``switch(y, log(p), log1p(-p))`` with
+``p = sigmoid(x)``, which PyTensor compiles to two softplus per element, one of them
+discarded, and checks ``0 <= p <= 1`` with a third transcendental per element. The rows
+and Q take ``-softplus(switch(y, -x, x))`` instead, the same value element by element,
+and check ``not isnan(x)``, which holds exactly where the bounds do (``sigmoid`` maps
+every other value, infinities too, into [0, 1]). Where ``p`` is a column of one
+``sigmoid`` (a ``pm.Mixture`` of batched components) PyTensor makes no softplus of it:
+it computes ``log(sigmoid(x))`` and ``log1p(-sigmoid(x))``, 6e-14 off, and ``-inf``
+where ``sigmoid`` rounds to 0 or 1 (below about -745, above about 37); the rewrite
+takes the column of ``x``.
 """
 
 from __future__ import annotations
@@ -25,11 +37,15 @@ from pymc.logprob.utils import CheckParameterValue
 from pytensor.graph.basic import Constant, clone_get_equiv
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.traversal import ancestors, graph_inputs
-from pytensor.scalar import TrueDiv
+from pytensor.scalar import GE, LE, Log, Log1p, Neg, Switch, TrueDiv
+from pytensor.scalar.math import Sigmoid
 from pytensor.tensor import TensorVariable
+from pytensor.tensor.basic import get_underlying_scalar_constant_value
 from pytensor.tensor.blockwise import Blockwise
-from pytensor.tensor.elemwise import Elemwise
+from pytensor.tensor.elemwise import DimShuffle, Elemwise
+from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.slinalg import SolveTriangular, solve_triangular
+from pytensor.tensor.subtensor import Subtensor
 
 # A solve is replaced when its right-hand side has at least this many columns; below
 # it the inverse is not paid back (and a handful of columns is no E-step's bottleneck).
@@ -150,3 +166,60 @@ def checks_as_flags(
         if out in fg.variables:
             fg.replace(out, expr, import_missing=True)
     return list(fg.outputs[:k]), list(fg.outputs[k:])
+
+
+def _is(var: TensorVariable, scalar_op: type) -> bool:
+    owner = var.owner
+    return (
+        owner is not None
+        and isinstance(owner.op, Elemwise)
+        and isinstance(owner.op.scalar_op, scalar_op)
+    )
+
+
+def _logit(p: TensorVariable) -> TensorVariable | None:
+    """``x`` where ``p`` is ``sigmoid(x)``, or the same indexing or broadcast of ``x``
+    where ``p`` is one of ``sigmoid(x)`` (a component's column of a batched ``p``),
+    else None."""
+    if _is(p, Sigmoid):
+        return p.owner.inputs[0]
+    owner = p.owner
+    if owner is not None and isinstance(owner.op, Subtensor | DimShuffle):
+        inner = _logit(owner.inputs[0])
+        return None if inner is None else owner.op(inner, *owner.inputs[1:])
+    return None
+
+
+def _equals(var: TensorVariable, value: float) -> bool:
+    """Whether ``var`` is the constant ``value`` (broadcast or not)."""
+    try:
+        return bool(get_underlying_scalar_constant_value(var) == value)
+    except NotScalarConstantError:
+        return False
+
+
+def _logistic_node(node) -> TensorVariable | None:
+    """One node of a Bernoulli logp on ``logit_p`` in its cheaper form (module
+    docstring), or None."""
+    if not isinstance(node.op, Elemwise):
+        return None
+    op = node.op.scalar_op
+    if isinstance(op, Switch):
+        cond, one, zero = node.inputs
+        if _is(one, Log) and _is(zero, Log1p) and _is(zero.owner.inputs[0], Neg):
+            p = one.owner.inputs[0]
+            x = _logit(p) if p is zero.owner.inputs[0].owner.inputs[0] else None
+            if x is not None:
+                return -pt.softplus(pt.switch(cond, -x, x))
+    if isinstance(op, GE | LE):
+        p, bound = node.inputs
+        x = _logit(p)
+        if x is not None and _equals(bound, 0.0 if isinstance(op, GE) else 1.0):
+            return pt.invert(pt.isnan(x))
+    return None
+
+
+def logistic_as_softplus(outputs: list[TensorVariable]) -> list[TensorVariable]:
+    """``outputs`` with every Bernoulli logp on ``logit_p`` and its check in the cheaper
+    form of the module docstring (the same values)."""
+    return _replace_nodes(outputs, _logistic_node)

@@ -52,7 +52,12 @@ class ModelPayload(NamedTuple):
 
 def make_payload(functions: EMFunctions) -> ModelPayload:
     """The payload of the model ``functions`` were compiled from, in their mode and
-    with their backend (C where the client's rows are compiled code)."""
+    with their backend: C where the client's rows are compiled code, else NumPy-backed
+    Ops throughout. A small model's client runs Q NumPy-backed for a fit's first calls
+    and then C (:class:`ppl_em.compiled.functions.SwitchingFunction`, restarted per
+    fit); a worker keeps Q NumPy-backed, because it serves many fits and cannot tell
+    where one starts, and a switch counted across them would make a fit's arithmetic
+    depend on what the worker ran before (and differ on a replacement worker)."""
     graph = functions.graph
     latent = graph.label_name if graph.kind == "label" else graph.dependents[0].name
     backend = "c" if functions.compiled_rows else "python"

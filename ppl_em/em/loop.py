@@ -9,7 +9,7 @@ import numpy as np
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.em import convergence
-from ppl_em.em.marginal import SPACING, ascends, crawling, marginal_ascent, statistics_cover
+from ppl_em.em.marginal import FIRST, SPACING, ascends, crawling, marginal_ascent, statistics_cover
 from ppl_em.em.progress import Progress
 from ppl_em.em.squarem import SquaremCycle, stepper
 from ppl_em.em.step import EMData, EMState, em_data, em_init
@@ -162,7 +162,7 @@ def run_em(
             gap = convergence.gap(stopping, history[since:])
             cells = float(state.stats.nk.sum()) * state.stats.nk.size
             slow = crawling(stopping.rate, gap, gap_tol, q_compiled, cells, max_iter - count)
-            if ascend and len(history) - since > SPACING and slow:
+            if ascend and len(history) - since > (SPACING if since else FIRST) and slow:
                 state, ascend, used = _ascend(functions, config, state, data, history, gap_tol)
                 n_estep, since, q_compiled = n_estep + used, len(history) - 1, True
                 bar.update(state.objective)
