@@ -178,9 +178,9 @@ def _is(var: TensorVariable, scalar_op: type) -> bool:
 
 
 def _logit(p: TensorVariable) -> TensorVariable | None:
-    """``x`` where ``p`` is ``sigmoid(x)``, or the same indexing or broadcast of ``x``
-    where ``p`` is one of ``sigmoid(x)`` (a component's column of a batched ``p``),
-    else None."""
+    """``x`` where ``p`` is ``sigmoid(x)``; where ``p`` indexes or broadcasts
+    ``sigmoid(x)`` (a component's column of a batched ``p``), the same of ``x``; else
+    None."""
     if _is(p, Sigmoid):
         return p.owner.inputs[0]
     owner = p.owner

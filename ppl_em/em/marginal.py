@@ -56,7 +56,8 @@ CELL_SECONDS = 1.7e-7
 SPACING = 10
 # EM iterations before the first ascent: its rate measured twice. A logistic-regression
 # mixture (N=10^5) crawls from its start, and waiting for SPACING iterations there cost
-# 0.5 s of a 1.9 s fit, with the same optimum; where the crawl shows later
+# 0.5 s of a 1.9 s fit, with the same optimum; a Student-t contamination (N=10^4) took
+# 5 iterations instead of 33 and ended higher; where the crawl shows later
 # (stick-breaking weights) the first ascent comes when it did (benchmarks/README.md).
 FIRST = 3
 # Evaluations (each an E-step and a Q gradient) per ascent.
