@@ -51,15 +51,20 @@ class StatsMap(NamedTuple):
     gather: Callable[[np.ndarray], Stats]
     resp: Callable[[np.ndarray], Batches]
     q_source: Callable[[np.ndarray], tuple[EMFunctions, Batches]] | None = None
+    # responsibilities recomputed at each pass, never kept (a marginal ascent's)
+    stream: Callable[[np.ndarray], Batches] | None = None
 
     def estep(self, functions: EMFunctions, u: np.ndarray, keep_resp: bool) -> Stats:
         # N x K log-responsibilities are never gathered: resp() recomputes them per chunk.
         return self.gather(u)
 
     def expectations(
-        self, functions: EMFunctions, state: EMState
+        self, functions: EMFunctions, state: EMState, keep: bool = True
     ) -> tuple[Expectations, EMFunctions, Batches]:
-        resp = self.resp(state.u)
+        """As :meth:`ppl_em.em.step.EMData.expectations`; ``keep=False``: responsibilities
+        are recomputed at each pass over the batches and none are kept (memory: a
+        chunk)."""
+        resp = (self.resp if keep or self.stream is None else self.stream)(state.u)
         q_functions, q_batches = (
             (functions, resp) if self.q_source is None else self.q_source(state.u)
         )
@@ -119,9 +124,9 @@ def local_map(
         )
         return total(parts)
 
-    keep = _resp_bytes(functions, source, request) <= resp_budget
+    fits = _resp_bytes(functions, source, request) <= resp_budget
 
-    def resp(u: np.ndarray) -> Batches:
+    def resp(u: np.ndarray, keep: bool = fits) -> Batches:
         cache: list = []
         done = [False]
 
@@ -140,4 +145,4 @@ def local_map(
 
         return batches
 
-    return StatsMap(request, estep, resp)
+    return StatsMap(request, estep, resp, stream=lambda u: resp(u, keep=False))

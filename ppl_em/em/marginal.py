@@ -132,7 +132,8 @@ def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data):
     compile, where Q over the data is a pass over it and, in such a model, a C
     compilation of its gradient for the ascent alone. Else (or where a block's sums
     would cancel even recentred) Q over the data."""
-    ex, q_functions, batches = data.expectations(functions, state)
+    # Streamed data keep no responsibilities here: an ascent's memory stays a chunk.
+    ex, q_functions, batches = data.expectations(functions, state, keep=False)
     first, parts = len(config.plan.blocks), []
     if statistics_cover(config, state.u.size):
         blocks = zip(config.plan.statistics, config.statistics, strict=True)

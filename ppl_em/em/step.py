@@ -44,11 +44,12 @@ class EMData(NamedTuple):
         return total(e_step(functions, u, chunk, keep_resp) for chunk in self.chunks)
 
     def expectations(
-        self, functions: EMFunctions, state: EMState
+        self, functions: EMFunctions, state: EMState, keep: bool = True
     ) -> tuple[Expectations, EMFunctions, Batches]:
         """The M-step's :class:`Expectations`, and ``(functions, batches)`` to sum Q over:
         responsibilities are computed (once, from the kept log-responsibilities or an
-        E-step per chunk) only if asked for."""
+        E-step per chunk) only if asked for. ``keep`` matters only for streamed data
+        (:class:`ppl_em.em.mapped.StatsMap`): data in memory are held whole anyway."""
         cache: list = []
 
         def batches():
