@@ -11,7 +11,8 @@ to gather the three things an iteration needs, whatever the data live on:
   gradient (by default the same ``functions`` and ``resp(u)``; a cluster substitutes a
   ``q_and_grad`` that maps over its partitions: compiled functions are values);
 - ``stream(u) -> batches`` (optional): as ``resp(u)``, recomputed at each pass and
-  never kept, for a marginal ascent, which takes one pass per point.
+  never kept, for a marginal ascent (a pass per evaluation, one per variable at its
+  start).
 
 :func:`local_map` streams an :class:`~ppl_em.em.sources.ArraySource` chunk by chunk
 (memory bounded by the chunk, not N); ``ppl_em.distributed`` builds the Dask one.
