@@ -9,18 +9,24 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 from pymc.logprob.utils import CheckParameterValue
+from pymc.pytensorf import compile as pymc_compile
 from pytensor.graph.replace import graph_replace
 from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.scalar import Softplus
+from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.slinalg import SolveTriangular
 from scipy import stats
+from scipy.special import log_expit
 
 import ppl_em
 import ppl_em.steps.estep as estep_module
+from ppl_em.compiled.functions import backend_mode
 from ppl_em.compiled.layout import flat_replacements
 from ppl_em.compiled.rewrites import MANY_RHS, solves_as_products
 from ppl_em.em import apply_start, default_start, em_init
 from ppl_em.model import joint_rows
 from ppl_em.steps import e_step, joint, whole_data
+from tests.test_glm import _data, _model
 from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
 
 
@@ -224,13 +230,6 @@ def test_a_logistic_component_takes_one_softplus_per_observation(backend):
     softplus per element and component, no sigmoid, and equal the rows as PyMC builds
     them (compiled by the same backend) bit for bit, and SciPy's log-sigmoid: at
     ordinary, large and infinite predictors. A NaN predictor still fails the check."""
-    from pymc.pytensorf import compile as pymc_compile
-    from pytensor.scalar import Softplus
-    from pytensor.scalar.math import Sigmoid
-    from scipy.special import log_expit
-
-    from ppl_em.compiled.functions import backend_mode
-
     x, y, functions = _logistic_mixture(backend)
     _, outputs, _ = _rows_graph(functions)
     plain_inputs, plain_rows = _plain_rows(functions)
@@ -263,13 +262,6 @@ def test_each_form_of_a_logistic_mixture_takes_the_softplus_rows(form):
     one each component's ``p`` is a column of one ``sigmoid`` of an (N, 2) predictor,
     which PyTensor leaves as ``log(sigmoid(x))``: 6e-14 off at ordinary predictors and
     ``-inf`` where ``sigmoid`` rounds to 0 or 1, where the rows stay right."""
-    from pymc.pytensorf import compile as pymc_compile
-    from pytensor.scalar import Softplus
-    from pytensor.scalar.math import Sigmoid
-    from scipy.special import log_expit
-
-    from tests.test_glm import _data, _model
-
     x, y = _data("bernoulli", n=300)
     functions = ppl_em.prepare(_model("bernoulli", x, y, form=form)).functions
     _, outputs, mode = _rows_graph(functions)

@@ -25,7 +25,7 @@ and check ``not isnan(x)``, which holds exactly where the bounds do (``sigmoid``
 every other value, infinities too, into [0, 1]). Where ``p`` is a column of one
 ``sigmoid`` (a ``pm.Mixture`` of batched components) PyTensor makes no softplus of it:
 it computes ``log(sigmoid(x))`` and ``log1p(-sigmoid(x))``, 6e-14 off, and ``-inf``
-where ``sigmoid`` rounds to 0 or 1 (below about -745, above about 37); the rewrite
+where ``sigmoid`` rounds to 0 or 1 (below about -710, above about 37); the rewrite
 takes the column of ``x``.
 """
 
