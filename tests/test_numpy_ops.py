@@ -1,19 +1,21 @@
 """The NumPy-backed PyTensor mode (ppl_em.compiled.numpy_ops): variadic elementwise
 nodes are split into two-input ones, which NumPy's ufuncs evaluate in one call each,
-and the values are those NumPy gives."""
+each such node's thunk is that call alone, and the values are those NumPy gives."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
+import pytest
 from pytensor.scalar import Add, Mul
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.compiled.numpy_ops import numpy_mode
+from ppl_em.compiled.numpy_ops import UFUNC_NAME, UfuncElemwise, numpy_mode
 from tests.conftest import numpy_ops
 
 
@@ -77,3 +79,62 @@ def test_a_mixture_gradient_has_no_variadic_node_and_keeps_its_values():
         values.append(fn(point))
     np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-12)
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10, atol=1e-10)
+
+
+def _elementwise_graph():
+    x, i = pt.vector("x", dtype="float64"), pt.vector("i", dtype="int64")
+    y, b, s = pt.matrix("y", dtype="float64"), pt.vector("b", dtype="bool"), pt.scalar("s")
+    outputs = [
+        pt.exp(x)[None, :] * y,  # broadcast
+        pt.log(s - x),  # log(0) and log(< 0): -inf and NaN, which NumPy warns of
+        s * 2.0 + pt.log(s),  # 0-d
+        i + x,  # an integer and a float input
+        pt.switch(b, x, -x),  # np.where
+        pt.cast(i, "float64") * 0.5,  # a cast, which has no ufunc of its own
+        ((x + 1.0) * 2.0 - x) / 3.0,  # intermediate results, rewritten in place
+    ]
+    rng = np.random.default_rng(1)
+    values = [np.array([0.7, 0.5, 1.3, 2.0]), np.arange(4), rng.normal(size=(3, 4)),
+              np.array([True, False, True, False]), np.array(0.7)]  # fmt: skip
+    return [x, i, y, b, s], outputs, values
+
+
+def _expected(x, i, y, b, s):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [np.exp(x)[None, :] * y, np.log(s - x), s * 2.0 + np.log(s), i + x,
+                np.where(b, x, -x), i.astype(float) * 0.5, ((x + 1.0) * 2.0 - x) / 3.0]  # fmt: skip
+
+
+def test_each_elementwise_node_is_its_ufunc_call_with_the_same_bits():
+    """Elementwise nodes run as one NumPy call each (in place where PyTensor's rewrites
+    put them in place), with the values of PyTensor's ``Elemwise.perform`` on the same
+    graph bit for bit and NumPy's; NumPy's floating-point warnings stay silent during
+    the call, as C's are, and its error state is the caller's after it."""
+    inputs, outputs, values = _elementwise_graph()
+    fast = pytensor.function(inputs, outputs, mode=numpy_mode())
+    plain = pytensor.function(inputs, outputs, mode=numpy_mode().excluding(UFUNC_NAME))
+    nodes = fast.maker.fgraph.apply_nodes
+    ufunc_nodes = [n for n in nodes if isinstance(n.op, UfuncElemwise)]
+    assert len(ufunc_nodes) >= 8 and any(n.op.destroy_map for n in ufunc_nodes)
+    assert not any(isinstance(n.op, UfuncElemwise) for n in plain.maker.fgraph.apply_nodes)
+    state = np.geterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fast(*values)
+    assert np.geterr() == state
+    assert isinstance(got[2], np.ndarray) and got[2].shape == ()
+    for a, b, e in zip(got, plain(*values), _expected(*values), strict=True):
+        assert a.dtype == b.dtype == np.float64
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, e, rtol=1e-15)
+
+
+def test_an_input_of_length_one_where_the_graph_has_no_broadcast_is_refused():
+    """PyTensor refuses to broadcast an input the graph does not mark broadcastable;
+    the ufunc node still does when the shapes change after a first call."""
+    x, y = pt.vector("x"), pt.vector("y")
+    fast = pytensor.function([x, y], pt.exp(x) + y, mode=numpy_mode())
+    assert any(isinstance(n.op, UfuncElemwise) for n in fast.maker.fgraph.apply_nodes)
+    np.testing.assert_array_equal(fast(np.zeros(3), np.ones(3)), np.full(3, 2.0))
+    with pytest.raises(ValueError, match="Runtime broadcasting not allowed"):
+        fast(np.zeros(1), np.ones(3))
