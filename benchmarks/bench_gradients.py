@@ -1,8 +1,10 @@
 """One logp-and-gradient evaluation of each example model's marginalised posterior (the
-function PyMC's NUTS calls), compiled three ways side by side in one run: C (PyMC's
-default), NumPy-backed Ops as PyTensor gives them (no C, no fusion), and ppl_em's
-NumPy-backed mode (:mod:`ppl_em.compiled.numpy_ops`, variadic products and sums split
-into two-input ufunc calls). Compile times are with whatever C cache the machine has:
+function PyMC's NUTS calls), compiled four ways side by side in one run: C (PyMC's
+default), NumPy-backed Ops as PyTensor gives them (no C, no fusion), those with
+variadic products and sums split into two-input ufunc calls (ppl_em's NumPy-backed
+mode before its ufunc thunks), and ppl_em's NumPy-backed mode
+(:mod:`ppl_em.compiled.numpy_ops`: the split, and each elementwise node a call of its
+ufunc alone). Compile times are with whatever C cache the machine has:
 this benchmark is about the evaluation, ``bench_workflow.py`` about cold compilation.
 
 Run: ``python -m benchmarks.bench_gradients`` from the repository root.
@@ -21,7 +23,7 @@ from pytensor.link.vm import VMLinker
 import ppl_em
 from benchmarks._common import markdown_table, write_report
 from models import MODELS
-from ppl_em.compiled.numpy_ops import numpy_mode
+from ppl_em.compiled.numpy_ops import TAG, numpy_mode
 from ppl_em.inference.crosscheck import marginal_model
 
 CALLS = 300
@@ -29,7 +31,9 @@ CALLS = 300
 
 def _modes() -> dict:
     plain = Mode(VMLinker(use_cloop=False, c_thunks=False), "fast_run").excluding("fusion")
-    return {"C": "FAST_RUN", "NumPy Ops, PyTensor's": plain, "NumPy Ops, ppl_em's": numpy_mode()}
+    split = plain.including(TAG)  # ppl_em's rewrites, PyTensor's thunks
+    return {"C": "FAST_RUN", "NumPy Ops, PyTensor's": plain, "split only": split,
+            "NumPy Ops, ppl_em's": numpy_mode()}  # fmt: skip
 
 
 def _time_gradient(marg, mode) -> tuple[float, float]:

@@ -12,10 +12,10 @@ same reason: a fused op has no ufunc and would run one element at a time.
 Around that ufunc call PyTensor's ``Elemwise.perform`` spends about 8 us more (a
 broadcasting check over every input's shape, a floating-point error state entered and
 left, a dtype cast): on those small graphs most of the time, and the same on every
-call. So, last of all, each elementwise node whose ufunc gives the node's dtype runs as
-a thunk that calls the ufunc alone (:class:`UfuncElemwise`), with the broadcasting check
-made again only when its inputs' shapes change, and the error state entered once per
-call of the whole function (:class:`NumpyLinker`). The values are the same ufunc calls'
+call. So each elementwise node whose ufunc gives the node's dtype runs as a thunk that
+calls the ufunc alone, with the broadcasting check made again only when its inputs'
+shapes change, and the error state entered once per call of the whole function
+(:class:`NumpyLinker`). The values are the same ufunc calls'
 bit for bit; a gradient of the seed models' marginal logp took about half the time
 (``benchmarks/README.md``).
 """
@@ -34,10 +34,6 @@ TAG = "ppl_em_numpy_ops"
 NAME = "ppl_em_binary_elemwise"
 # After PyTensor's last merge (49), before its destroy handler and in-place rewrites.
 POSITION = 49.2
-UFUNC_NAME = "ppl_em_ufunc_thunks"
-# After the in-place rewrites (50.5-95), so that they are made as PyTensor makes them,
-# before the last merge (100).
-UFUNC_POSITION = 99.0
 
 
 @node_rewriter([Elemwise])
@@ -82,14 +78,14 @@ def _result_dtype(function, dtypes: list[np.dtype]) -> np.dtype | None:
 
 
 def _ufunc_of(node):
-    """The NumPy function a node of ``UfuncElemwise`` can call alone, or None: one
+    """The NumPy function an ``Elemwise`` node's thunk can call alone, or None: one
     output, the function's own number of inputs, and the node's dtype as its result
     (PyTensor casts otherwise); ``np.where`` (a switch) only where nothing is in place."""
     op = node.op
-    function, spec = op.nfunc, op.nfunc_spec
-    if function is None or len(node.outputs) != 1 or hasattr(node.tag, "sig"):
+    if not isinstance(op, Elemwise) or op.nfunc is None or len(node.outputs) != 1:
         return None
-    if spec[1] != len(node.inputs) or spec[2] != 1:
+    function, spec = op.nfunc, op.nfunc_spec
+    if spec[1] != len(node.inputs) or spec[2] != 1 or hasattr(node.tag, "sig"):
         return None
     if not isinstance(function, np.ufunc) and (function is not np.where or op.inplace_pattern):
         return None
@@ -97,27 +93,17 @@ def _ufunc_of(node):
     return function if dtype == np.dtype(node.outputs[0].dtype) else None
 
 
-class UfuncElemwise(Elemwise):
-    """An elementwise Op whose Python thunk calls its NumPy function and nothing else
-    (in place through ``out=`` where PyTensor's rewrites made it so). The broadcasting
-    check ``Elemwise.perform`` makes at every call is made again when the inputs'
-    shapes change; NumPy's floating-point error state is :class:`NumpyLinker`'s. A node
-    the function cannot serve alone runs ``Elemwise``'s own thunk."""
-
-    def make_thunk(self, node, storage_map, compute_map, no_recycling, impl=None):
-        self.prepare_node(node, storage_map, compute_map, "py")
-        function = _ufunc_of(node) if impl == "py" else None
-        if function is None:
-            return super().make_thunk(node, storage_map, compute_map, no_recycling, impl)
-        return _thunk(node, function, storage_map, compute_map)
-
-
-def _thunk(node, function, storage_map, compute_map):
-    inputs = [storage_map[v] for v in node.inputs]
-    (output,) = node.outputs
-    out, done = storage_map[output], compute_map[output]
+def ufunc_thunk(node, function, made, compute_map):
+    """A thunk that calls ``function`` on the node's inputs and nothing else (in place
+    through ``out=`` where PyTensor's rewrites made the node so), in the storage cells of
+    the thunk PyTensor ``made`` (the linker may have given the storage map's entries to
+    other variables since). The broadcasting check ``Elemwise.perform`` makes at every
+    call is made again when the inputs' shapes change; NumPy's floating-point error
+    state is :class:`NumpyLinker`'s."""
+    inputs, (out,) = made.inputs, made.outputs
+    done = compute_map[node.outputs[0]]
     target = node.op.inplace_pattern.get(0)
-    scalar = output.ndim == 0
+    scalar = node.outputs[0].ndim == 0
     seen: list = [None]
 
     def thunk():
@@ -130,17 +116,8 @@ def _thunk(node, function, storage_map, compute_map):
         out[0] = np.asarray(value) if scalar else value  # a 0-d ufunc result is a scalar
         done[0] = True
 
-    thunk.inputs, thunk.outputs, thunk.lazy = inputs, [out], False
+    thunk.inputs, thunk.outputs, thunk.lazy, thunk.ufunc = inputs, [out], False, function
     return thunk
-
-
-@node_rewriter([Elemwise])
-def ufunc_thunks(fgraph, node):
-    """An ``Elemwise`` node as the same node of :class:`UfuncElemwise`."""
-    op = node.op
-    if type(op) is not Elemwise:
-        return None
-    return UfuncElemwise(op.scalar_op, op.inplace_pattern).make_node(*node.inputs).outputs
 
 
 class _QuietLoop(Loop):
@@ -159,28 +136,34 @@ QUIET = {Loop: _QuietLoop, Stack: _QuietStack}
 
 
 class NumpyLinker(VMLinker):
-    """PyTensor's Python VM, run with NumPy's floating-point errors ignored for the
-    whole call (as ``Elemwise.perform`` ignores them for each node, and C code never
-    reports them): entering that state cost about 2 us, once per node before."""
+    """PyTensor's Python VM, with each elementwise node's thunk a call of its ufunc
+    alone (:func:`ufunc_thunk`; made here, after all rewrites, so that compiling costs
+    nothing more), run with NumPy's floating-point errors ignored for the whole call (as
+    ``Elemwise.perform`` ignores them for each node, and C code never reports them):
+    entering that state cost about 2 us, once per node before."""
 
-    def make_vm(self, *args, **kwargs):
-        vm = super().make_vm(*args, **kwargs)
+    def make_vm(self, nodes, thunks, input_storage, output_storage, storage_map,
+                post_thunk_clear, computed, compute_map, updated_vars):  # fmt: skip
+        thunks = [
+            thunk if (function := _ufunc_of(node)) is None
+            else ufunc_thunk(node, function, thunk, compute_map)
+            for node, thunk in zip(nodes, thunks, strict=True)
+        ]  # fmt: skip
+        vm = super().make_vm(nodes, thunks, input_storage, output_storage, storage_map,
+                             post_thunk_clear, computed, compute_map, updated_vars)  # fmt: skip
         vm.__class__ = QUIET.get(type(vm), type(vm))
         return vm
 
 
 # PyTensor's rewrite database is process-wide and refuses a name twice (a reload of
-# this module); the tag keeps the rewrites out of every mode but numpy_mode's.
+# this module); the tag keeps the rewrite out of every mode but numpy_mode's.
 if NAME not in optdb:
     optdb.register(NAME, in2out(binary_elemwise, name=NAME), TAG, position=POSITION)
-if UFUNC_NAME not in optdb:
-    rewrite = in2out(ufunc_thunks, name=UFUNC_NAME, ignore_newtrees=True)
-    optdb.register(UFUNC_NAME, rewrite, TAG, position=UFUNC_POSITION)
 
 
 def numpy_mode() -> Mode:
     """Every Op's NumPy implementation, with PyTensor's rewrites except fusion,
     variadic elementwise nodes split into ufunc-sized ones, and each elementwise node
-    a call of its ufunc (:class:`UfuncElemwise`, :class:`NumpyLinker`)."""
+    a call of its ufunc (:class:`NumpyLinker`)."""
     linker = NumpyLinker(use_cloop=False, c_thunks=False)
     return Mode(linker, "fast_run").excluding("fusion").including(TAG)
