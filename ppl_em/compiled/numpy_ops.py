@@ -15,9 +15,8 @@ left, a dtype cast): on those small graphs most of the time, and the same on eve
 call. So each elementwise node whose ufunc gives the node's dtype runs as a thunk that
 calls the ufunc alone, with the broadcasting check made again only when its inputs'
 shapes change, and the error state entered once per call of the whole function
-(:class:`NumpyLinker`). The values are the same ufunc calls'
-bit for bit; a gradient of the seed models' marginal logp took about half the time
-(``benchmarks/README.md``).
+(:class:`NumpyLinker`). The values are the same ufunc calls' bit for bit; a gradient
+of the example models' marginal logp was 1.4-2.2x faster (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -137,8 +136,9 @@ QUIET = {Loop: _QuietLoop, Stack: _QuietStack}
 
 class NumpyLinker(VMLinker):
     """PyTensor's Python VM, with each elementwise node's thunk a call of its ufunc
-    alone (:func:`ufunc_thunk`; made here, after all rewrites, so that compiling costs
-    nothing more), run with NumPy's floating-point errors ignored for the whole call (as
+    alone (:func:`ufunc_thunk`; made here, after all rewrites, so that no rewrite pass
+    is added: a graph rewrite making the same swap added 0.5-1 s of compilation per
+    function), run with NumPy's floating-point errors ignored for the whole call (as
     ``Elemwise.perform`` ignores them for each node, and C code never reports them):
     entering that state cost about 2 us, once per node before."""
 
