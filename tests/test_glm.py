@@ -216,6 +216,21 @@ def _nb_model(x, y, dispersion: str = "gamma", form: str = "label") -> pm.Model:
     return model
 
 
+@pytest.fixture(scope="module")
+def nb_prepared():
+    """``prepare`` of :func:`_nb_model` on :func:`_nb_data` by dispersion and mode, once
+    per module: the Hessian, Newton and optimum tests share the compiled model."""
+    cache = {}
+
+    def get(dispersion: str, mode: str):
+        if (dispersion, mode) not in cache:
+            x, y = _nb_data()
+            cache[dispersion, mode] = ppl_em.prepare(_nb_model(x, y, dispersion), mode=mode)
+        return cache[dispersion, mode]
+
+    return get
+
+
 def _compiled_hessian(functions, u, mask, batches):
     """Central differences of Q's compiled gradient over ``u[mask]``: error O(h^2)."""
 
@@ -235,10 +250,12 @@ def _compiled_hessian(functions, u, mask, batches):
     [("gamma", "map"), ("gamma", "mle"), ("halfnormal_shared", "map"), ("lognormal", "map"),
      ("halfcauchy_shared", "map"), ("halfflat", "map"), ("known", "map"), ("known_scalar", "map")],
 )  # fmt: skip
-def test_negative_binomial_hessian_equals_differences_of_the_compiled_gradient(dispersion, mode):
+def test_negative_binomial_hessian_equals_differences_of_the_compiled_gradient(
+    dispersion, mode, nb_prepared
+):
     """Coefficients and log dispersion together, cross terms included."""
-    x, y = _nb_data()
-    functions, config = ppl_em.prepare(_nb_model(x, y, dispersion), mode=mode)
+    x, _ = _nb_data()
+    functions, config = nb_prepared(dispersion, mode)
     assert [b.family for b in config.plan.glm] == ["negative_binomial_glm"]
     mask = config.numeric_mask
     assert known(config.glm, mask) is not None and known(config.glm, mask).all()
@@ -254,12 +271,14 @@ def test_negative_binomial_hessian_equals_differences_of_the_compiled_gradient(d
 
 
 @pytest.mark.parametrize("dispersion", ["gamma", "halfnormal_shared"])
-def test_negative_binomial_newton_reaches_the_numeric_maximiser_of_q(dispersion, monkeypatch):
+def test_negative_binomial_newton_reaches_the_numeric_maximiser_of_q(
+    dispersion, monkeypatch, nb_prepared
+):
     """One exact M-step from the same responsibilities: Newton with the hand-written
     Hessian (no finite-difference column taken) and the finite-difference numeric step
     reach the same maximiser of Q."""
-    x, y = _nb_data()
-    functions, auto = ppl_em.prepare(_nb_model(x, y, dispersion))
+    x, _ = _nb_data()
+    functions, auto = nb_prepared(dispersion, "map")
     exact = make_mstep_config(functions, auto.plan, "auto", grad_reduction=0.0)
     numeric = make_mstep_config(functions, auto.plan, "numeric", grad_reduction=0.0)
     assert numeric.glm == ()
@@ -316,10 +335,13 @@ def test_negative_binomial_fit_matches_scipy_on_the_marginal_posterior(form):
     np.testing.assert_allclose(np.log(p["alpha"]), theta[4:6], atol=1e-3)
 
 
-def test_negative_binomial_exact_and_finite_difference_newton_reach_the_same_optimum():
+def test_negative_binomial_exact_and_finite_difference_newton_reach_the_same_optimum(
+    nb_prepared,
+):
     x, y = _nb_data()
     model = _nb_model(x, y, "halfnormal_shared")
-    exact = ppl_em.fit(model, progressbar=False, tol=1e-10)
+    exact = ppl_em.fit(prepared=nb_prepared("halfnormal_shared", "map"), progressbar=False,
+                       tol=1e-10)  # fmt: skip
     numeric = ppl_em.fit(model, progressbar=False, tol=1e-10, mstep="numeric")
     assert exact.log_posterior == pytest.approx(numeric.log_posterior, abs=1e-7)
     for name in ("a", "b", "alpha", "w"):
