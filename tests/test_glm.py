@@ -219,7 +219,9 @@ def _nb_model(x, y, dispersion: str = "gamma", form: str = "label") -> pm.Model:
 @pytest.fixture(scope="module")
 def nb_prepared():
     """``prepare`` of :func:`_nb_model` on :func:`_nb_data` by dispersion and mode, once
-    per module: the Hessian, Newton and optimum tests share the compiled model."""
+    per module: the Hessian, Newton and optimum tests share the compiled model. Their Q
+    is called at most 292 times in all, under ``SWITCH_CALLS``: none switches to C, so
+    the tests' order does not change their arithmetic."""
     cache = {}
 
     def get(dispersion: str, mode: str):
