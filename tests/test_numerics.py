@@ -206,6 +206,48 @@ def test_newton_stops_at_the_rounding_of_q_not_after_its_iteration_limit():
     np.testing.assert_allclose(found.values, centre, atol=1e-4)
 
 
+def test_newton_stops_when_its_decrement_rises_within_the_rounding():
+    """Within 1e-6 standard errors of Q's maximum a Newton step with the exact Hessian
+    makes the decrement fall, so one that rises there is the gradient's rounding, and
+    another Hessian (a pass over the data per block) is spent on nothing. The rule that
+    waited for three steps without a fall by a tenth took six more Hessians at the
+    negative-binomial regression's start. Here Q is quadratic, its gradient carries
+    rounding of 3e-9 standard errors, and the start is 10 standard errors away."""
+    from ppl_em.steps.newton import NOISE, newton_maximise
+
+    rng = np.random.default_rng(11)
+    centre = np.array([1.5, -0.7, 0.2])
+    root = rng.normal(size=(3, 3))
+    info = 1e5 * (root @ root.T / 3 + np.eye(3))
+    inverse = np.linalg.inv(info)
+
+    def evaluate(x):
+        d = x - centre
+        return -3e5 - 0.5 * d @ info @ d + rng.normal(0.0, 1e-9), -info @ d + rng.normal(
+            0.0, 1e-6, 3
+        )
+
+    away = rng.normal(size=3)
+    away *= 10.0 / np.sqrt(away @ info @ away)
+    hessians = 0
+    for _ in range(20):
+        decrements = []
+
+        def curvature(x, grad, seen=decrements):
+            seen.append(float(np.sqrt(grad @ inverse @ grad)))
+            return -info
+
+        found = newton_maximise(evaluate, evaluate, centre + away, 0.0, curvature=curvature)
+        hessians += len(decrements)
+        below = [d < NOISE for d in decrements]
+        rises = [i for i in range(1, len(decrements))
+                 if below[i - 1] and below[i] and decrements[i] >= decrements[i - 1]]  # fmt: skip
+        assert rises == [] or rises[0] == len(decrements) - 1, decrements
+        assert 1e-12 < decrements[-1] < NOISE
+        np.testing.assert_allclose(found.values, centre, atol=1e-9)
+    assert hessians < 20 * 5
+
+
 def test_newton_near_the_maximum_takes_the_full_step_not_its_double():
     """A full Newton step that raises Q was doubled while Q kept rising. Near Q's maximum
     the doubled step lands at the maximum's mirror image, where Q is as high as at the
