@@ -153,6 +153,33 @@ def test_irls_and_finite_difference_newton_reach_the_same_optimum():
         np.testing.assert_allclose(irls.params[name], numeric.params[name], atol=1e-5)
 
 
+def test_the_start_on_many_observations_is_still_the_exact_m_step_of_all_of_them():
+    """From SAMPLED_FROM observations on, the start's Newton first runs over every s-th
+    observation (its iterations far from the answer cost a pass over the data each).
+    The start must still be the exact M-step from the partition over all the data: here
+    the same M-step taken from PyMC's initial point over all of them, as the start was
+    before. Q's calls show that both the sample and the whole data were read."""
+    from ppl_em.em import starts
+
+    x, y = _data("poisson", n=starts.SAMPLED_FROM, seed=8)
+    functions, config = ppl_em.prepare(_model("poisson", x, y))
+    sizes = []
+
+    def counted(*args, q=functions.q_and_grad):
+        sizes.append(args[1].shape[1])
+        return q(*args)
+
+    u = default_start(functions._replace(q_and_grad=counted), config, None)
+    assert set(sizes) == {starts.START_SAMPLE, starts.SAMPLED_FROM}
+    k = functions.graph.n_components
+    gamma = starts.soft_responsibilities(
+        starts.partition(starts.data_features(functions), k, None), k
+    )
+    exact = config._replace(grad_reduction=0.0)
+    reference = m_step_from_resp(functions, exact, starts.initial_u(functions), gamma)
+    np.testing.assert_allclose(u, reference, rtol=0, atol=1e-9)
+
+
 def test_transformed_coefficients_keep_finite_differences():
     """A coefficient with a positive prior is fitted on its log: not linear in eta."""
     x, y = _data("poisson")
