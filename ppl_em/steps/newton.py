@@ -154,9 +154,9 @@ def _at_noise_floor(seen: list[float]) -> bool:
     line search on rounding. A Newton step there makes the decrement fall (quadratically
     with the exact Hessian, by the Hessian's relative error with a finite-difference
     one), so one that rose from below ``NOISE`` is rounding, as is one that has not
-    fallen by a tenth in three steps (the negative-binomial regression's start computed
-    seven Hessians at 1e-10 to 3e-9 with the second rule alone; this stops at the
-    second: benchmarks/README.md)."""
+    fallen by a tenth in three steps (with that rule alone, the negative-binomial
+    regression's start computed seven Hessians at 1e-10 to 3e-9, where the rise stops
+    it at the second: benchmarks/README.md)."""
     if len(seen) < 2 or not seen[-1] < NOISE:
         return False
     rose = seen[-2] < NOISE and seen[-1] >= seen[-2]
