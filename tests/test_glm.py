@@ -154,14 +154,14 @@ def test_irls_and_finite_difference_newton_reach_the_same_optimum():
 
 
 def test_the_start_on_many_observations_is_still_the_exact_m_step_of_all_of_them():
-    """From SAMPLED_FROM observations on, the start's Newton first runs over every s-th
+    """From NEWTON_SAMPLED_FROM observations on, the start's Newton first runs over every s-th
     observation (its iterations far from the answer cost a pass over the data each).
     The start must still be the exact M-step from the partition over all the data: here
     the same M-step taken from PyMC's initial point over all of them, as the start was
     before. Q's calls show that both the sample and the whole data were read."""
     from ppl_em.em import starts
 
-    x, y = _data("poisson", n=starts.SAMPLED_FROM, seed=8)
+    x, y = _data("poisson", n=starts.NEWTON_SAMPLED_FROM, seed=8)
     functions, config = ppl_em.prepare(_model("poisson", x, y))
     sizes = []
 
@@ -170,7 +170,7 @@ def test_the_start_on_many_observations_is_still_the_exact_m_step_of_all_of_them
         return q(*args)
 
     u = default_start(functions._replace(q_and_grad=counted), config, None)
-    assert set(sizes) == {starts.START_SAMPLE, starts.SAMPLED_FROM}
+    assert set(sizes) == {starts.NEWTON_SAMPLE, starts.NEWTON_SAMPLED_FROM}
     k = functions.graph.n_components
     gamma = starts.soft_responsibilities(
         starts.partition(starts.data_features(functions), k, None), k

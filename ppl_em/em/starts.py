@@ -26,12 +26,13 @@ from ppl_em.steps.stats import DataChunk
 EPS = 0.1
 # A numeric exact M-step is Newton from PyMC's initial point, which knows nothing of the
 # data's units: most of its iterations are far from the answer, each a pass over the
-# data. From SAMPLED_FROM observations on, they are first taken on every s-th
-# observation (about START_SAMPLE of them), and the exact M-step over all the data
-# starts from there: the negative-binomial regression at N=10^5 took 0.36-0.42 s
-# against 1.35-1.48 s, landing on the same point to 1e-11 (benchmarks/README.md).
-START_SAMPLE = 10_000
-SAMPLED_FROM = 5 * START_SAMPLE
+# data. From NEWTON_SAMPLED_FROM observations on, they are first taken on every s-th
+# observation (about NEWTON_SAMPLE of them; not the k-means sample of data beyond memory,
+# ppl_em.em.sources.START_SAMPLE), and the exact M-step over all the data starts there:
+# the negative-binomial regression at N=10^5 took 0.36-0.42 s against 1.35-1.48 s,
+# landing on the same point to 1e-11 (benchmarks/README.md).
+NEWTON_SAMPLE = 10_000
+NEWTON_SAMPLED_FROM = 5 * NEWTON_SAMPLE
 
 
 def data_features(functions: EMFunctions) -> np.ndarray:
@@ -99,7 +100,7 @@ def default_start(
     An exact M-step: PyMC's initial point knows nothing of the data's units (a Flat
     mean starts at 0, a HalfFlat scale at 1), so a generalised step from it can stop
     far from the partition's parameters and start EM near a symmetric saddle. With
-    numeric variables and at least ``SAMPLED_FROM`` observations, its Newton starts from
+    numeric variables and at least ``NEWTON_SAMPLED_FROM`` observations, its Newton starts from
     the same M-step over a sample of them.
     """
     k = functions.graph.n_components
@@ -110,8 +111,8 @@ def default_start(
     exact = config._replace(grad_reduction=0.0)
     u = initial_u(functions)
     n = functions.data[0].shape[0]
-    if config.numeric_mask.any() and n >= SAMPLED_FROM:
-        chunk, rows = _every(functions, n // START_SAMPLE)
+    if config.numeric_mask.any() and n >= NEWTON_SAMPLED_FROM:
+        chunk, rows = _every(functions, n // NEWTON_SAMPLE)
         sampled = expectations_from_resp(functions, exact, gamma[rows], chunk)
         u = m_step(functions, exact, u, sampled)
     return m_step_from_resp(functions, exact, u, gamma)
