@@ -122,6 +122,23 @@ def backend_mode(backend: str) -> Mode:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
 
 
+class DeferredGraph:
+    """A function's ``(inputs, outputs)``, built by ``build()`` when first asked for and
+    kept: Q's gradient graph took 4 of the 4.7 s of preparing a closed-form MvNormal
+    mixture whose fits never call Q (benchmarks/README.md)."""
+
+    def __init__(self, build: Callable[[], tuple[list, list]]) -> None:
+        self._build = build
+        self._graph: tuple[list, list] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[list, list]:
+        with self._lock:
+            if self._graph is None:
+                self._graph = self._build()
+            return self._graph
+
+
 class LazyFunction:
     """A PyTensor function compiled on its first call (many fits never need it); its
     first ``borrow`` outputs are the function's own buffers, overwritten by the next
@@ -135,17 +152,25 @@ class LazyFunction:
 
     def __init__(
         self,
-        inputs: list,
-        outputs: list | TensorVariable,
+        inputs: list | DeferredGraph,
+        outputs: list | TensorVariable | None,
         mode: Mode,
         borrow: int = 0,
         terms: tuple[DataTerms, slice] | None = None,
     ) -> None:
-        self.graph = (inputs, outputs, mode)
+        self._graph = (inputs, outputs, mode)
         self._borrow = borrow
         self._terms = terms
         self._fn: Callable | None = None
         self.lock = threading.RLock()
+
+    @property
+    def graph(self) -> tuple[list, list | TensorVariable, Mode]:
+        """(inputs, outputs, mode); a deferred graph is built here, once."""
+        inputs, outputs, mode = self._graph
+        if isinstance(inputs, DeferredGraph):
+            inputs, outputs = inputs()
+        return inputs, outputs, mode
 
     @property
     def compiled(self) -> Callable:
@@ -201,7 +226,9 @@ class SwitchingFunction:
         self._calls = calls
 
     @classmethod
-    def of(cls, inputs: list, outputs: list, terms=None) -> SwitchingFunction:
+    def of(
+        cls, inputs: list | DeferredGraph, outputs: list | None, terms=None
+    ) -> SwitchingFunction:
         return cls(LazyFunction(inputs, outputs, backend_mode("python"), terms=terms),
                    LazyFunction(inputs, outputs, backend_mode("c"), terms=terms))  # fmt: skip
 
@@ -308,10 +335,10 @@ def _has_blockwise(outputs: list) -> bool:
     return any(isinstance(v.owner.op, Blockwise) for v in ancestors(outputs) if v.owner)
 
 
-def _q_function(inputs: list, outputs: list, backend: str, terms) -> Callable:
+def _q_function(graph: DeferredGraph, backend: str, terms) -> Callable:
     if backend == "switch":
-        return SwitchingFunction.of(inputs, outputs, terms)
-    return LazyFunction(inputs, outputs, backend_mode(backend), terms=terms)
+        return SwitchingFunction.of(graph, None, terms)
+    return LazyFunction(graph, None, backend_mode(backend), terms=terms)
 
 
 def build_em_functions(
@@ -343,7 +370,11 @@ def build_em_functions(
     # Data terms run once per chunk: like the small graphs, not worth a C compilation.
     terms = DataTerms(LazyFunction(chunk, term_graphs, tiny)) if term_in else None
     n = len(chunk)
-    q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
+
+    def q_graph():
+        q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
+        return [flat, *q_inputs, *chunk, *fixed_in, *term_in], q_outputs
+
     constrained, param_inputs, forward = transform_graphs(graph, replace)
     data, fixed_data = data_arrays(spec)
     return EMFunctions(
@@ -361,8 +392,7 @@ def build_em_functions(
         ),
         fixed=LazyFunction([flat, *fixed_in], [extra, logprior], tiny),
         q_and_grad=_q_function(
-            [flat, *q_inputs, *chunk, *fixed_in, *term_in],
-            q_outputs,
+            DeferredGraph(q_graph),
             q_backend,
             (terms, slice(3, 3 + n)) if terms else None,
         ),
