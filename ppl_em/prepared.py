@@ -40,9 +40,8 @@ def prepare(
 
     ``backend`` (``"auto"``, ``"c"``, ``"numba"``, ``"python"``) picks how PyTensor runs
     the compiled functions; ``"auto"`` avoids C compilation for small closed-form
-    problems and, for small data without a multivariate logp, until a fit has called Q
-    1000 times (a fast cold start); ``"c"`` is fastest per iteration once its cache is
-    warm.
+    problems and, for small data, until a fit has called Q 1000 times (a fast cold
+    start); ``"c"`` is fastest per iteration once its cache is warm.
     """
     if mstep not in MSTEPS:
         raise ValueError(f"mstep={mstep!r} is not one of {MSTEPS}.")

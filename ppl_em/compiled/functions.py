@@ -21,10 +21,8 @@ from pymc.pytensorf import compile as pymc_compile
 from pytensor import Out
 from pytensor.compile.mode import Mode, get_mode
 from pytensor.graph.replace import graph_replace
-from pytensor.graph.traversal import ancestors
 from pytensor.link.vm import VMLinker
 from pytensor.tensor import TensorVariable
-from pytensor.tensor.blockwise import Blockwise
 from threadpoolctl import ThreadpoolController
 
 from ppl_em.compiled.hoist import DataTerms, hoist_data_terms
@@ -314,25 +312,20 @@ def _q_graph(rows, extra, logprior, mode: str, flat, k: int):
     return [gamma_t, weight], [q, pt.grad(q, flat)]
 
 
-def _backends(backend: str, graph: MixtureGraph, numeric: bool, multivariate: bool):
+def _backends(backend: str, graph: MixtureGraph, numeric: bool):
     """(rows, Q, small graphs) backends. ``"auto"``: for at most ``SMALL_NUMERIC_CELLS``
-    cells and no multivariate logp, NumPy-backed rows and a Q that switches to C after
-    ``SWITCH_CALLS`` calls (compiling both to C is most of a small fit's time, cold);
-    otherwise C for Q and its gradient (NumPy-backed Blockwise gradients of
-    multivariate logps are far slower: benchmarks/README.md), and NumPy-backed rows for
-    at most ``SMALL_CELLS`` cells without a numeric M-step (C rows run many E-steps
-    faster); NumPy-backed transforms and fixed terms."""
+    cells, NumPy-backed rows and a Q that switches to C after ``SWITCH_CALLS`` calls
+    (compiling both to C is most of a small fit's time, cold: 65 of the 77 s of a first
+    fit of ``models/gaussian_2d``, benchmarks/README.md); otherwise C for Q and its
+    gradient, and NumPy-backed rows for at most ``SMALL_CELLS`` cells without a numeric
+    M-step (C rows run many E-steps faster); NumPy-backed transforms and fixed terms."""
     if backend != "auto":
         backend_mode(backend)  # refuses an unknown name
         return backend, backend, backend
     cells = graph.n_obs * graph.n_components
-    small = cells <= SMALL_NUMERIC_CELLS and not multivariate
+    small = cells <= SMALL_NUMERIC_CELLS
     rows = small if numeric else cells <= SMALL_CELLS
     return ("python" if rows else "c"), ("switch" if small else "c"), "python"
-
-
-def _has_blockwise(outputs: list) -> bool:
-    return any(isinstance(v.owner.op, Blockwise) for v in ancestors(outputs) if v.owner)
 
 
 def _q_function(graph: DeferredGraph, backend: str, terms) -> Callable:
@@ -362,7 +355,7 @@ def build_em_functions(
     replace = flat_replacements(graph, layout, flat)
     rows = graph_replace(joint_rows(graph, spec, broadcast_label), replace, strict=False)
     rows = logistic_as_softplus(rows)
-    rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric, _has_blockwise(rows))
+    rows_backend, q_backend, tiny_backend = _backends(backend, graph, numeric)
     rows_mode, tiny = backend_mode(rows_backend), backend_mode(tiny_backend)
     extra, logprior = graph_replace(list(fixed_terms(graph, spec)), replace, strict=False)
     chunk, fixed_in = list(spec.inputs), list(spec.fixed_inputs)
