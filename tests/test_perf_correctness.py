@@ -278,6 +278,20 @@ def test_a_small_numeric_fit_runs_q_on_numpy_ops_until_many_calls(monkeypatch):
     assert not mvn.functions.compiled_rows
 
 
+def test_q_is_differentiated_only_when_a_fit_asks_for_it(monkeypatch):
+    """Q's gradient graph is built on first use, once: a closed-form fit never calls Q
+    (differentiating it was most of preparing the 2-D MvNormal example)."""
+    built = []
+    q_graph = compiled_functions._q_graph
+    monkeypatch.setattr(compiled_functions, "_q_graph", lambda *a: built.append(a) or q_graph(*a))
+    prepared = ppl_em.prepare(gaussian_label(gaussian_data(300, seed=2)), mode="mle")
+    assert ppl_em.fit(prepared=prepared, progressbar=False).converged
+    assert not built
+    q = prepared.functions.q_and_grad
+    inputs, outputs, _ = q._python.graph
+    assert q._c.graph[:2] == (inputs, outputs) and len(built) == 1
+
+
 def test_label_with_per_observation_probabilities_joint_matches_scipy():
     """The row-by-row joint must also hold when the label's probabilities vary by
     observation (a logistic gate), not only when they are shared weights."""

@@ -122,8 +122,8 @@ def backend_mode(backend: str) -> Mode:
 
 class DeferredGraph:
     """A function's ``(inputs, outputs)``, built by ``build()`` when first asked for and
-    kept: Q's gradient graph took 4 of the 4.7 s of preparing a closed-form MvNormal
-    mixture whose fits never call Q (benchmarks/README.md)."""
+    kept: differentiating Q took 4.0 of the 4.7 s of preparing the 2-D MvNormal example
+    (benchmarks/README.md), and closed-form fits never call Q."""
 
     def __init__(self, build: Callable[[], tuple[list, list]]) -> None:
         self._build = build
