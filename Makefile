@@ -7,16 +7,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test test-slow lint format bench clean
 
-# uv installs the same versions as pip in a fifth of the time (benchmarks/README.md,
-# "Setting up"); where uv cannot reach the package index (it does not read pip's
-# configuration), pip installs them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet uv || true
-	$(PY) -m uv pip install --quiet --python $(PY) -e ".[test]" \
-		|| (echo "uv could not install; installing with pip" >&2 \
-			&& $(PY) -m pip install --quiet --upgrade pip \
-			&& $(PY) -m pip install --quiet -e ".[test]")
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
