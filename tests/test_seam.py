@@ -9,8 +9,9 @@ numeric M-step sums), and a whole EM fit run chunk by chunk.
 
 The rows are NumPy-backed in every case: ``compiled_rows`` alone picks the pass
 (:func:`ppl_em.steps.estep.e_step`), and compiling the rows and Q of seven models to C
-(83 s of the 174 s this file took alone on a cold cache) would change the rows' arithmetic, not what
-is summed over chunks. ``tests/test_kernel.py`` checks C rows against NumPy-backed ones.
+(83 s of the 174 s this file took alone on a cold cache) would change the rows'
+arithmetic, not what is summed over chunks. ``tests/test_kernel.py`` checks a fit on C
+rows (the numba pass) against one on NumPy-backed rows (the NumPy pass).
 """
 
 import itertools
