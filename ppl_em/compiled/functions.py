@@ -5,14 +5,15 @@ The flat unconstrained vector ``u`` (:mod:`ppl_em.compiled.layout`) and the data
 inputs, the per-observation data with a first axis of any length (a chunk). The E-step
 graph returns the joint's K rows as separate outputs; log-responsibilities, the
 log-likelihood and the statistics come from one pass over them (``ppl_em.steps``).
-Functions not every fit needs (Q and its gradient) are compiled on first use, which
-keeps a cold start of a closed-form model to a few small compilations.
+Functions not every fit needs (Q and its gradient) are built and compiled on first
+use, which keeps a cold start of a closed-form model to a few small compilations.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -299,8 +300,10 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q_graph(rows, extra, logprior, mode: str, flat, k: int):
-    """Q over a chunk: ``sum_ik gamma_ik L_ik`` plus the weighted fixed terms."""
+def _q_graph(rows, extra, logprior, mode: str, flat, k: int, data_in: list):
+    """``(inputs, [Q, dQ/du])``, Q over a chunk: ``sum_ik gamma_ik L_ik`` plus the
+    weighted fixed terms; the inputs are ``u``, the responsibilities, the fixed terms'
+    weight and ``data_in``."""
     gamma_t = pt.matrix("gamma_t", dtype="float64")
     weight = pt.scalar("fixed_weight", dtype="float64")
     # 0 * -inf is NaN: a component with zero responsibility contributes nothing.
@@ -309,14 +312,15 @@ def _q_graph(rows, extra, logprior, mode: str, flat, k: int):
     )
     fixed = extra + logprior if mode == "map" else extra
     q = expected + weight * fixed
-    return [gamma_t, weight], [q, pt.grad(q, flat)]
+    return [flat, gamma_t, weight, *data_in], [q, pt.grad(q, flat)]
 
 
 def _backends(backend: str, graph: MixtureGraph, numeric: bool):
     """(rows, Q, small graphs) backends. ``"auto"``: for at most ``SMALL_NUMERIC_CELLS``
     cells, NumPy-backed rows and a Q that switches to C after ``SWITCH_CALLS`` calls
-    (compiling both to C is most of a small fit's time, cold: 65 of the 77 s of a first
-    fit of ``models/gaussian_2d``, benchmarks/README.md); otherwise C for Q and its
+    (compiling both to C is most of a small fit's time, cold: the first fit of
+    ``models/gaussian_2d`` took 76.7 s with both compiled, 11.6 s this way,
+    benchmarks/README.md); otherwise C for Q and its
     gradient, and NumPy-backed rows for at most ``SMALL_CELLS`` cells without a numeric
     M-step (C rows run many E-steps faster); NumPy-backed transforms and fixed terms."""
     if backend != "auto":
@@ -363,11 +367,8 @@ def build_em_functions(
     # Data terms run once per chunk: like the small graphs, not worth a C compilation.
     terms = DataTerms(LazyFunction(chunk, term_graphs, tiny)) if term_in else None
     n = len(chunk)
-
-    def q_graph():
-        q_inputs, q_outputs = _q_graph(rows, extra, logprior, mode, flat, graph.n_components)
-        return [flat, *q_inputs, *chunk, *fixed_in, *term_in], q_outputs
-
+    k, q_data = graph.n_components, [*chunk, *fixed_in, *term_in]
+    q_graph = DeferredGraph(partial(_q_graph, rows, extra, logprior, mode, flat, k, q_data))
     constrained, param_inputs, forward = transform_graphs(graph, replace)
     data, fixed_data = data_arrays(spec)
     return EMFunctions(
@@ -385,7 +386,7 @@ def build_em_functions(
         ),
         fixed=LazyFunction([flat, *fixed_in], [extra, logprior], tiny),
         q_and_grad=_q_function(
-            DeferredGraph(q_graph),
+            q_graph,
             q_backend,
             (terms, slice(3, 3 + n)) if terms else None,
         ),
