@@ -177,8 +177,8 @@ def test_chunked_fit_equals_whole_fit(case):
     an ascent is the same code over any backend's chunk sums, which the tests above
     check for both). An ascent can bring a run to the optimum to rounding within them,
     and a run then stops at the first iteration whose objective repeats exactly, which
-    the summation order decides: there the runs agree in where they end, not in how
-    many iterations they count."""
+    the summation order decides: there the runs agree iterate by iterate while both
+    run and in where they end, not in how many iterations they count."""
     _, form, (functions, config), u = case
     chunks = em_data(functions, config, 97)
 
@@ -199,9 +199,11 @@ def test_chunked_fit_equals_whole_fit(case):
     np.testing.assert_allclose(chunked.state.u, whole.state.u, rtol=1e-7, atol=1e-8)
     if form != "models":
         return
-    if chunked_auto.converged or whole_auto.converged:
-        assert abs(chunked_auto.n_iter - whole_auto.n_iter) <= 1
-    else:
-        np.testing.assert_allclose(chunked_auto.history, whole_auto.history, rtol=1e-10)
+    # Entry by entry the same while both run; a run that stopped at an exact repeat
+    # ended at the objective the other one still repeats to rounding.
+    both = min(len(chunked_auto.history), len(whole_auto.history))
+    np.testing.assert_allclose(chunked_auto.history[:both], whole_auto.history[:both], rtol=1e-10)
+    longer = max(chunked_auto.history, whole_auto.history, key=len)
+    np.testing.assert_allclose(longer[both - 1 :], longer[-1], rtol=1e-13)
     assert chunked_auto.state.objective == pytest.approx(whole_auto.state.objective, rel=1e-10)
     np.testing.assert_allclose(chunked_auto.state.u, whole_auto.state.u, rtol=1e-7, atol=1e-8)

@@ -127,7 +127,8 @@ def run_em(
     single EM steps; ``max_iter`` then counts cycles and ``EMRun.n_estep`` the E-steps.
     A numeric M-step that stops moving away from a stationary point ends the run
     unconverged (``EMRun.stalled``). With ``accelerate="auto"``, where EM's rate
-    predicts a long crawl, L-BFGS on the marginal objective takes over for a while
+    predicts a long crawl (or, with a numeric M-step, more iterations than an ascent
+    costs), L-BFGS on the marginal objective takes over for a while
     (:mod:`ppl_em.em.marginal`: where the M-step is not all closed form, and not with
     ``reg_covar``); each ascent that raises the objective is one entry of ``history``
     (and of ``n_iter``), and its E-steps count in ``n_estep``. ``accelerate=None``
@@ -139,8 +140,9 @@ def run_em(
     history, monotone, n_estep = [state.objective], True, 1
     converged, stalled, stopping = False, None, convergence.Stopping()
     since, ascend = 0, accelerate == "auto" and ascends(config)  # rate from history[since:]
+    numeric = bool(config.numeric_mask.any())  # an M-step over the data: dear iterations
     # Q over the data compiled anyway, or not needed by an ascent
-    q_compiled = bool(config.numeric_mask.any()) or statistics_cover(config, u0.size)
+    q_compiled = numeric or statistics_cover(config, u0.size)
     # One BLAS thread for the whole run, not only its E-steps: the M-step's and the
     # ascent's linear algebra is small (Newton's Hessians, L-BFGS-B's updates), and
     # OpenBLAS's second thread, spinning on a busy machine, made each call milliseconds.
@@ -161,7 +163,9 @@ def run_em(
                 break
             gap = convergence.gap(stopping, history[since:])
             cells = float(state.stats.nk.sum()) * state.stats.nk.size
-            slow = crawling(stopping.rate, gap, gap_tol, q_compiled, cells, max_iter - count)
+            slow = crawling(
+                stopping.rate, gap, gap_tol, q_compiled, cells, max_iter - count, numeric
+            )
             if ascend and len(history) - since > (SPACING if since else FIRST) and slow:
                 state, ascend, used = _ascend(functions, config, state, data, history, gap_tol)
                 n_estep, since, q_compiled = n_estep + used, len(history) - 1, True

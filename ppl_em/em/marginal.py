@@ -1,4 +1,4 @@
-"""Quasi-Newton on the marginal objective, where EM crawls.
+"""Quasi-Newton on the marginal objective, where EM crawls or its iterations are dear.
 
 EM's rate of convergence is the largest fraction of the information that the labels
 hide. Where it is near 1 (a logistic-regression mixture with one 0/1 answer per
@@ -14,7 +14,9 @@ sums).
 coordinates scaled by Q's curvature there (one unit is about one standard error under
 the complete data, whatever the data's units), each evaluation one E-step and one Q
 gradient. Its result is kept only if it raises ``l``, and the loop then resumes EM
-from it, so a fit still converges only by EM's own stopping rule.
+from it, so a fit still converges only by EM's own stopping rule. Where the M-step is
+numeric over the data an EM iteration costs a few such evaluations, so an ascent pays
+for far shorter crawls, at any rate (:func:`crawling`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ CRAWL = 50
 COMPILE_WORTH = 20.0
 ITERATION_SECONDS = 5e-3
 CELL_SECONDS = 1.7e-7
+# Where the M-step is numeric over the data, an EM iteration is an E-step, two or more
+# Q gradients over the data and a Hessian (exact: one more pass; else a gradient per
+# variable), and an ascent's 16-19 evaluations in the benchmark fits (an E-step and one
+# Q gradient each; 40 in the logistic crawl) cost about ten such iterations: the ascent
+# pays wherever EM's rate, however fast, predicts more than NUMERIC_CRAWL further
+# iterations. Poisson regression mixture (N=10^5, rate 0.34): 22 iterations -> 5 with
+# one ascent, passes over the data 115 -> 85, 0.46 -> 0.34-0.40 s; mixture of experts
+# (N=10^4): 25 -> 5, passes 415 -> 208, 1.60-1.68 -> 0.72-0.86 s; both end higher
+# (benchmarks/README.md, "Ascents where the M-step is numeric").
+NUMERIC_CRAWL = 10
 # EM iterations between two ascents: the rate is re-measured from EM's own steps.
 SPACING = 10
 # EM iterations before the first ascent: its rate measured twice. A logistic-regression
@@ -89,15 +101,22 @@ def crawling(
     q_compiled: bool = True,
     cells: float = 0.0,
     remaining: float = np.inf,
+    numeric: bool = False,
 ) -> bool:
-    """Whether EM's rate ``r`` predicts more than ``CRAWL`` iterations to bring the
-    estimated remaining gain ``gap`` below ``gap_tol`` (the gap shrinks by ``r`` per
-    iteration) and, unless Q's gradient is compiled anyway (``q_compiled``), more than
-    the ``remaining`` iterations or more than ``COMPILE_WORTH`` seconds of iterations
-    over ``cells`` responsibilities."""
-    if rate is None or not SLOW_RATE <= rate < 1.0 or not gap_tol < gap < np.inf:
+    """Whether EM's rate ``r`` predicts more iterations than an ascent is worth to bring
+    the estimated remaining gain ``gap`` below ``gap_tol`` (the gap shrinks by ``r`` per
+    iteration): with a ``numeric`` M-step over the data, more than ``NUMERIC_CRAWL``;
+    else a rate of at least ``SLOW_RATE`` and more than ``CRAWL`` iterations and, unless
+    Q's gradient is compiled anyway (``q_compiled``), more than the ``remaining``
+    iterations or more than ``COMPILE_WORTH`` seconds of iterations over ``cells``
+    responsibilities."""
+    if rate is None or not 0.0 < rate < 1.0 or not gap_tol < gap < np.inf:
         return False
     left = float(np.log(gap_tol / gap) / np.log(rate))
+    if numeric:
+        return left > NUMERIC_CRAWL
+    if rate < SLOW_RATE:
+        return False
     seconds = left * (ITERATION_SECONDS + CELL_SECONDS * cells)
     return left > CRAWL and (q_compiled or left > remaining or seconds > COMPILE_WORTH)
 
