@@ -35,14 +35,14 @@ from ppl_em.steps.mstep import MStepConfig
 from ppl_em.steps.numeric import curvature_scales
 from ppl_em.steps.stats_newton import block_statistics
 
-# Without numeric variables (blocks maximised from the statistics, whose iterations cost
-# about an ascent's evaluation each), EM crawls when its measured rate is above
-# SLOW_RATE and that rate predicts more than CRAWL further iterations before the
-# estimated gap falls below the tolerance. The rate was set on a negative-binomial
-# regression mixture (rate 0.79), before numeric M-steps had NUMERIC_CRAWL: at 0.9 it
-# took 92 EM iterations (N=10^5, 7.9 s), at 0.75 an ascent after 11 (12 in all, 3.2 s,
-# as high); the other regression and mixture benchmarks ended the same
-# (benchmarks/README.md).
+# Without numeric variables (blocks maximised from the statistics: an iteration is one
+# pass over the data, an E-step, and an ascent's evaluation at least that), EM crawls
+# when its measured rate is above SLOW_RATE and that rate predicts more than CRAWL
+# further iterations before the estimated gap falls below the tolerance. The rate was
+# set on a negative-binomial regression mixture (rate 0.79), before numeric M-steps had
+# NUMERIC_CRAWL: at 0.9 it took 92 EM iterations (N=10^5, 7.9 s), at 0.75 an ascent
+# after 11 (12 in all, 3.2 s, as high); the other regression and mixture benchmarks
+# ended the same (benchmarks/README.md).
 SLOW_RATE = 0.75
 CRAWL = 50
 # Where an ascent needs Q's gradient over the data (a variable outside the statistics
