@@ -364,3 +364,39 @@ def test_the_first_ascent_comes_once_the_rate_is_measured_twice(monkeypatch):
     start = np.r_[fit.params["a"], fit.params["b"], np.log(fit.params["w"][1] / fit.params["w"][0])]
     _, best = _scipy_map("bernoulli", x, y, start)
     assert fit.log_posterior == pytest.approx(best, abs=1e-6)
+
+
+def test_an_ascent_scales_regression_coefficients_by_their_written_curvature(monkeypatch):
+    """An ascent's coordinates are scaled by Q's curvature along each variable. For
+    regression coefficients that curvature is written out (the IRLS Hessian: one pass
+    over the data for all of them) where differences of Q's gradient cost a pass each:
+    the ascent then differences only the weights' entry. Its diagonal agrees with those
+    differences of the compiled gradient."""
+    from ppl_em.em import marginal
+    from ppl_em.em.step import em_data
+    from ppl_em.steps.mstep import written_curvature
+    from ppl_em.steps.numeric import _curvature
+    from tests.test_glm import _data, _model
+
+    x, y = _data("poisson", n=600)
+    functions, config = ppl_em.prepare(_model("poisson", x, y))
+    data = em_data(functions, config)
+    state = em_init(functions, default_start(functions, config, None), config, data)
+    for _ in range(3):
+        state = em_step(functions, config, state, data)
+    q_at = marginal._q_at(functions, config, state, data)
+    grad = q_at(state.u)[1]
+    written = written_curvature(config, state.u, data.expectations(functions, state)[2])
+    differenced = np.array([-_curvature(q_at, state.u, grad, i) for i in range(grad.size)])
+    assert np.isnan(written[0]) and np.isfinite(written[1:]).all()  # w, then a and b
+    np.testing.assert_allclose(written[1:], differenced[1:], rtol=1e-3)
+    calls = {"q": 0}
+
+    def counted(*args, q=functions.q_and_grad):
+        calls["q"] += 1
+        return q(*args)
+
+    ascent = marginal.marginal_ascent(functions._replace(q_and_grad=counted), config, state, data)
+    assert ascent.state.objective > state.objective
+    # one gradient per evaluation, one at the start, one difference for the weights
+    assert calls["q"] == ascent.n_estep + 2

@@ -420,3 +420,61 @@ def test_tabulated_polygamma_differences_of_counts_equal_scipy(alpha):
     # values that are not counts take the special functions
     psi, _ = _polygamma_differences(y + 0.5, alpha)
     np.testing.assert_allclose(psi, digamma(y + 0.5 + alpha) - digamma(alpha), rtol=1e-14)
+
+
+def test_the_starts_newton_stops_at_its_first_decrement_below_start_decrement(
+    monkeypatch, nb_prepared
+):
+    """The start's Newton (its M-step from the partition) runs until its decrement (the
+    standard errors, under Q, to Q's maximum) is below ``START_DECREMENT``, not the
+    1e-12 of EM's exact M-steps: beyond it, at N=10^5, each step chases the rounding of
+    Q's gradient, at a Hessian and a gradient over the data. The start is Q's maximiser
+    all the same: on Q written by hand (the negative
+    binomial's log-probabilities weighted by the partition's responsibilities, the
+    priors without Jacobian), SciPy's BFGS gains nothing from it and, from PyMC's
+    initial point, ends there too."""
+    from ppl_em.em import starts
+    from ppl_em.steps import numeric
+
+    x, y = _nb_data()
+    functions, config = nb_prepared("gamma", "map")
+    seen, tols = [], []
+    direction, maximise = newton_module.newton_direction, numeric.newton_maximise
+
+    def recorded(h, grad):
+        step, decrement = direction(h, grad)
+        seen.append(decrement)
+        return step, decrement
+
+    def told(*args):
+        tols.append(args[5])
+        return maximise(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(newton_module, "newton_direction", recorded)
+        patch.setattr(numeric, "newton_maximise", told)
+        u = default_start(functions, config, None)
+    assert tols == [starts.START_DECREMENT] and starts.START_DECREMENT > 1e-12
+    assert seen[-1] < starts.START_DECREMENT <= min(seen[:-1])
+    k = functions.graph.n_components
+    labels = starts.partition(starts.data_features(functions), k, None)
+    gamma = starts.soft_responsibilities(labels, k)
+
+    def negative_q(theta):
+        a, b, alpha = theta[:2], theta[2:4], np.exp(theta[4:6])
+        mu = np.exp(a[None, :] + b[None, :] * x[:, None])
+        rows = nbinom.logpmf(y[:, None], alpha[None, :], alpha / (alpha + mu))
+        prior = norm.logpdf(theta[:4], 0.0, PRIOR_SD).sum()
+        prior += gamma_dist.logpdf(alpha, 2.0, scale=2.0).sum()
+        return -(np.sum(gamma * rows) + prior)
+
+    def theta(v):
+        values = dict(zip(functions.layout.rv_names, functions.constrain(v), strict=True))
+        return np.concatenate([values["a"], values["b"], np.log(values["alpha"])])
+
+    ours = theta(u)
+    polished = minimize(negative_q, ours, method="BFGS", options={"gtol": 1e-10})
+    assert negative_q(ours) - polished.fun < 1e-9
+    found = minimize(negative_q, theta(starts.initial_u(functions)), method="BFGS",
+                     options={"gtol": 1e-10})  # fmt: skip
+    np.testing.assert_allclose(ours, found.x, rtol=1e-5, atol=1e-6)

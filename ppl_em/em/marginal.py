@@ -31,7 +31,7 @@ from ppl_em.em.convergence import ROUNDING
 from ppl_em.em.step import EMData, EMState, em_init
 from ppl_em.errors import DataError
 from ppl_em.steps.estep import q_and_grad
-from ppl_em.steps.mstep import MStepConfig
+from ppl_em.steps.mstep import MStepConfig, written_curvature
 from ppl_em.steps.numeric import curvature_scales
 from ppl_em.steps.stats_newton import block_statistics
 
@@ -186,7 +186,8 @@ def marginal_ascent(
     count = [0 if state.log_resp is not None else 1]  # final's E-step
     state = data.final(functions, state)
     q_at = _q_at(functions, config, state, data)
-    scales = curvature_scales(q_at, state.u, q_at(state.u)[1])
+    written = written_curvature(config, state.u, data.expectations(functions, state, False)[2])
+    scales = curvature_scales(q_at, state.u, q_at(state.u)[1], written)
     best = [state]
 
     def negative(z: np.ndarray):

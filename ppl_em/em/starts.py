@@ -33,6 +33,12 @@ EPS = 0.1
 # landing on the same point to 1e-11 (benchmarks/README.md).
 NEWTON_SAMPLE = 10_000
 NEWTON_SAMPLED_FROM = 5 * NEWTON_SAMPLE
+# The start's Newton stops once its decrement is below this many standard errors (under
+# Q) of Q's maximum, where EM's exact M-steps go on to 1e-12. Q's gradient is a sum
+# over the data whose rounding alone is some 1e-9 of them at N=10^5 (the
+# negative-binomial regression's start: 2.5e-9, 5e-10, 9.3e-10 in its last three
+# Newton steps), and each step there costs a Hessian and a gradient over the data.
+START_DECREMENT = 1e-8
 
 
 def data_features(functions: EMFunctions) -> np.ndarray:
@@ -97,7 +103,8 @@ def default_start(
 ) -> np.ndarray:
     """One M-step from a partition of the data (deterministic when ``rng`` is None).
 
-    An exact M-step: PyMC's initial point knows nothing of the data's units (a Flat
+    An exact M-step (to ``START_DECREMENT`` standard errors of Q's maximum where it is
+    numeric): PyMC's initial point knows nothing of the data's units (a Flat
     mean starts at 0, a HalfFlat scale at 1), so a generalised step from it can stop
     far from the partition's parameters and start EM near a symmetric saddle. With
     numeric variables and at least ``NEWTON_SAMPLED_FROM`` observations, its Newton starts from
@@ -108,7 +115,7 @@ def default_start(
     if functions.labels is not None:
         labels = _with_known(labels, functions.labels, k)
     gamma = soft_responsibilities(labels, k)
-    exact = config._replace(grad_reduction=0.0)
+    exact = config._replace(grad_reduction=0.0, decrement_tol=START_DECREMENT)
     u = initial_u(functions)
     n = functions.data[0].shape[0]
     if config.numeric_mask.any() and n >= NEWTON_SAMPLED_FROM:

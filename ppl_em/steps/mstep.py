@@ -44,7 +44,9 @@ GEM_GRAD_REDUCTION = 0.1
 
 class MStepConfig(NamedTuple):
     """What the M-step does: the closed-form plan, the MvNormal blocks' compiled maps,
-    and L-BFGS settings for the numeric variables (``grad_reduction=0``: Q's maximiser)."""
+    and L-BFGS settings for the numeric variables (``grad_reduction=0``: Q's maximiser,
+    which Newton's steps reach once their decrement is below ``decrement_tol``
+    standard errors under Q)."""
 
     plan: ClosedFormPlan
     numeric_mask: np.ndarray
@@ -54,6 +56,7 @@ class MStepConfig(NamedTuple):
     grad_reduction: float = GEM_GRAD_REDUCTION
     statistics: tuple[StatsQ, ...] = ()
     glm: tuple[GlmSpec, ...] = ()
+    decrement_tol: float = 1e-12
 
 
 class Expectations(NamedTuple):
@@ -196,11 +199,24 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
             full[mask] = sub
             return coefficients, glm_hessian(config.glm, full, mask, batches)
 
-    found = maximise_q(
-        functions, u, mask, batches, config.grad_reduction, config.maxiter, config.gtol, exact
-    )
+    found = maximise_q(functions, u, mask, batches, config.grad_reduction, config.maxiter,
+                       config.gtol, exact, config.decrement_tol)  # fmt: skip
     out = u.copy()
     out[mask] = found.values
+    return out
+
+
+def written_curvature(config: MStepConfig, u: np.ndarray, batches: Batches) -> np.ndarray | None:
+    """``d2Q/du_i^2`` at ``u`` for the entries whose Hessian rows are written out
+    (:mod:`ppl_em.steps.glm`: one pass over the data for all of them), NaN for the
+    rest; None where there are none or the responsibilities are not here to read."""
+    mask = config.numeric_mask
+    coefficients = known(config.glm, mask)
+    if coefficients is None or not local(batches):
+        return None
+    diagonal = np.diag(glm_hessian(config.glm, u, mask, batches))
+    out = np.full(u.size, np.nan)
+    out[np.flatnonzero(mask)[coefficients]] = diagonal[coefficients]
     return out
 
 

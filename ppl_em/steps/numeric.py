@@ -51,15 +51,20 @@ def _curvature(evaluate, start: np.ndarray, grad0: np.ndarray, i: int) -> float:
     return 0.0
 
 
-def curvature_scales(evaluate, start: np.ndarray, grad0: np.ndarray) -> np.ndarray:
+def curvature_scales(
+    evaluate, start: np.ndarray, grad0: np.ndarray, known: np.ndarray | None = None
+) -> np.ndarray:
     """``s_i = (-d2Q/du_i^2)^(-1/2)`` from ``evaluate(x) -> (Q, grad)``, using
     ``|d2Q/du_i^2|`` where Q is not concave along ``u_i``; at most ``1 / |dQ/du_i|``,
     so that far from Q's maximum, where Q is nearly linear and its curvature says
     little, one unit moves Q by about one nat; 1 where neither is finite and positive
-    (the variable does not move Q)."""
+    (the variable does not move Q). ``known`` gives ``d2Q/du_i^2`` where it is written
+    out (NaN elsewhere): a difference costs a gradient of Q over the data."""
     # No floor relative to the other variables: their units differ (a mean in units of
     # 1e8 has a curvature 1e16 times a log-scale's), so only the variable's own says.
-    curv = np.abs([_curvature(evaluate, start, grad0, i) for i in range(start.size)])
+    known = np.full(start.size, np.nan) if known is None else known
+    curv = np.abs([known[i] if np.isfinite(known[i]) else _curvature(evaluate, start, grad0, i)
+                   for i in range(start.size)])  # fmt: skip
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.minimum(1.0 / np.sqrt(curv), 1.0 / np.abs(grad0))
     return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
@@ -132,12 +137,14 @@ def maximise_q(
     maxiter: int = 500,
     gtol: float = 1e-10,
     exact=None,
+    decrement_tol: float = 1e-12,
 ) -> NumericResult:
     """Increase Q over ``u[mask]`` from ``u``: stop once the scaled gradient has shrunk
     by ``grad_reduction`` (a generalised step) or, for 0, at Q's maximiser.
 
     Blocks of at most ``NEWTON_MAX`` variables take damped Newton steps
-    (:mod:`ppl_em.steps.newton`), with the Hessian's entries among the variables
+    (:mod:`ppl_em.steps.newton`; for 0, until the decrement is below ``decrement_tol``
+    standard errors), with the Hessian's entries among the variables
     ``exact(sub) -> (known, entries)`` knows exact and the rest from differences; larger
     ones L-BFGS runs, each in coordinates scaled by the curvature where the last one
     ended, while Q still rises.
@@ -152,7 +159,7 @@ def maximise_q(
                 return partial_hessian(evaluate.probe, x, grad, *exact(x))
 
         found = newton_maximise(evaluate, evaluate.probe, start, grad_reduction, maxiter,
-                                curvature=curvature)  # fmt: skip
+                                decrement_tol, curvature)  # fmt: skip
         return NumericResult(found.values, found.moved, found.start_decrement)
     q0, grad = evaluate(start)
     start_norm = None
