@@ -286,7 +286,7 @@ def test_a_moderate_crawl_of_a_numeric_m_step_gets_an_ascent():
     iterations to converge here, each a Newton M-step over the data. That is a crawl
     worth an ascent (with the rate threshold at 0.9 none ran, and "auto" was plain EM);
     with one, the fit takes under half the E-steps and ends at least as high."""
-    from tests.test_glm import _nb_data, _nb_model
+    from tests.test_glm_negative_binomial import _nb_data, _nb_model
 
     x, y = _nb_data(n=1500)
     functions, config = ppl_em.prepare(_nb_model(x, y))
