@@ -366,7 +366,7 @@ def test_the_first_ascent_comes_once_the_rate_is_measured_twice(monkeypatch):
     assert fit.log_posterior == pytest.approx(best, abs=1e-6)
 
 
-def test_an_ascent_scales_regression_coefficients_by_their_written_curvature(monkeypatch):
+def test_an_ascent_scales_regression_coefficients_by_their_written_curvature():
     """An ascent's coordinates are scaled by Q's curvature along each variable. For
     regression coefficients that curvature is written out (the IRLS Hessian: one pass
     over the data for all of them) where differences of Q's gradient cost a pass each:

@@ -241,10 +241,9 @@ def test_the_starts_newton_stops_at_its_first_decrement_below_start_decrement(
     standard errors, under Q, to Q's maximum) is below ``START_DECREMENT``, not the
     1e-12 of EM's exact M-steps: beyond it, at N=10^5, each step chases the rounding of
     Q's gradient, at a Hessian and a gradient over the data. The start is Q's maximiser
-    all the same: on Q written by hand (the negative
-    binomial's log-probabilities weighted by the partition's responsibilities, the
-    priors without Jacobian), SciPy's BFGS gains nothing from it and, from PyMC's
-    initial point, ends there too."""
+    all the same: on Q written by hand (the negative binomial's log-probabilities
+    weighted by the partition's responsibilities, the priors without Jacobian), SciPy's
+    BFGS gains nothing from it and, from PyMC's initial point, ends there too."""
     from ppl_em.em import starts
     from ppl_em.steps import numeric
 
