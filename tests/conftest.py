@@ -56,6 +56,14 @@ def assert_monotone(history, rel=1e-9):
     assert np.all(np.diff(history) >= -slack), np.diff(history).min()
 
 
+def assert_same_params(functions, ua, ub, **tolerance) -> None:
+    """Two flat points' free variables, constrained, equal name by name to ``tolerance``
+    (``np.testing.assert_allclose``'s ``rtol``, ``atol``)."""
+    a, b = functions.constrain(ua), functions.constrain(ub)
+    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
+        np.testing.assert_allclose(va, vb, err_msg=name, **tolerance)
+
+
 def numpy_ops():
     """A context in which PyTensor compiles on NumPy-backed Ops (no C, no fusion).
 

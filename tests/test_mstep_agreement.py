@@ -10,7 +10,7 @@ from ppl_em.em import default_start
 from ppl_em.model import analyse_model, build_plan, data_spec
 from ppl_em.steps import m_step_from_resp, make_mstep_config, q_and_grad, stats_newton, whole_data
 from ppl_em.steps import mstep as mstep_module
-from tests.conftest import EXACT
+from tests.conftest import EXACT, assert_same_params
 
 RNG = np.random.default_rng(3)
 N = 150
@@ -272,10 +272,8 @@ def _newton_equals_numeric(prepared, expected: set, gamma, monkeypatch):
         patch.setattr(mstep_module, "maximise_q", _no_data_pass)
         ua = m_step_from_resp(functions, auto, u0, gamma)
     ub = m_step_from_resp(functions, numeric, u0, gamma)
-    a, b = functions.constrain(ua), functions.constrain(ub)
-    for name, va, vb in zip(functions.layout.rv_names, a, b, strict=True):
-        np.testing.assert_allclose(va, vb, rtol=2e-6, atol=1e-8, err_msg=name)
-    return ua, ub, dict(zip(functions.layout.rv_names, a, strict=True))
+    assert_same_params(functions, ua, ub, rtol=2e-6, atol=1e-8)
+    return ua, ub, dict(zip(functions.layout.rv_names, functions.constrain(ua), strict=True))
 
 
 STATISTICS_CASES = [stick_breaking_weights, gaussian_regression_priors, normal_halfnormal,

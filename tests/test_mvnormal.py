@@ -18,7 +18,7 @@ from ppl_em.steps import Stats, m_step_from_resp, make_mstep_config, q_and_grad,
 from ppl_em.steps.columns import StatsRequest
 from ppl_em.steps.mvn_moments import weighted_moments
 from ppl_em.steps.mvn_solve import solve_params
-from tests.conftest import EXACT
+from tests.conftest import EXACT, assert_same_params
 
 RNG = np.random.default_rng(11)
 
@@ -145,10 +145,7 @@ def _closed_and_numeric(model, mode="mle"):
 def test_closed_equals_numeric_mstep(build):
     functions, closed, gamma, a, b = _closed_and_numeric(build())
     assert len(closed.plan.mvn) == 1 and not closed.numeric_mask.any()
-    for name, va, vb in zip(
-        functions.layout.rv_names, functions.constrain(a), functions.constrain(b), strict=True
-    ):
-        np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_params(functions, a, b, rtol=1e-5, atol=1e-6)
     batches = [(np.ascontiguousarray(gamma.T), whole_data(functions))]
     qa, _ = q_and_grad(functions, a, batches)
     qb, _ = q_and_grad(functions, b, batches)

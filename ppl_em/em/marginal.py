@@ -145,7 +145,7 @@ def statistics_cover(config: MStepConfig, size: int) -> bool:
     return bool(covered.all())
 
 
-def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data):
+def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data, expectations=None):
     """Q with the responsibilities held at ``state``, as ``u -> (Q, dQ/du)``.
 
     Where every variable is in a block maximised from the statistics (a stick-breaking
@@ -153,9 +153,12 @@ def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data):
     blocks' compiled Q of the E-step's sums: microseconds a call, and nothing to
     compile, where Q over the data is a pass over it and, in such a model, a C
     compilation of its gradient for the ascent alone. Else (or where a block's sums
-    would cancel even recentred) Q over the data."""
+    would cancel even recentred) Q over the data. ``expectations``: those of
+    ``data.expectations`` at ``state`` already at hand."""
     # Streamed data keep no responsibilities here: an ascent's memory stays a chunk.
-    ex, q_functions, batches = data.expectations(functions, state, keep=False)
+    if expectations is None:
+        expectations = data.expectations(functions, state, keep=False)
+    ex, q_functions, batches = expectations
     first, parts = len(config.plan.blocks), []
     if statistics_cover(config, state.u.size):
         blocks = zip(config.plan.statistics, config.statistics, strict=True)
@@ -185,8 +188,9 @@ def marginal_ascent(
     """L-BFGS on the marginal objective from ``state`` (see the module docstring)."""
     count = [0 if state.log_resp is not None else 1]  # final's E-step
     state = data.final(functions, state)
-    q_at = _q_at(functions, config, state, data)
-    written = written_curvature(config, state.u, data.expectations(functions, state, False)[2])
+    expectations = data.expectations(functions, state, keep=False)
+    q_at = _q_at(functions, config, state, data, expectations)
+    written = written_curvature(config, state.u, expectations[2])
     scales = curvature_scales(q_at, state.u, q_at(state.u)[1], written)
     best = [state]
 

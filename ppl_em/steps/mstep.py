@@ -191,8 +191,8 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
     mask = config.numeric_mask
     if not mask.any():
         return u
-    exact, coefficients = None, known(config.glm, mask)
-    if coefficients is not None and local(batches):
+    exact, coefficients = None, _written_rows(config, batches)
+    if coefficients is not None:
         full = u.copy()
 
         def exact(sub):
@@ -206,13 +206,20 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
     return out
 
 
+def _written_rows(config: MStepConfig, batches: Batches) -> np.ndarray | None:
+    """Which numeric entries have Hessian rows written out (:func:`known`), or None where
+    none do or the responsibilities are not here to read them (a cluster's workers)."""
+    coefficients = known(config.glm, config.numeric_mask)
+    return coefficients if coefficients is not None and local(batches) else None
+
+
 def written_curvature(config: MStepConfig, u: np.ndarray, batches: Batches) -> np.ndarray | None:
     """``d2Q/du_i^2`` at ``u`` for the entries whose Hessian rows are written out
     (:mod:`ppl_em.steps.glm`: one pass over the data for all of them), NaN for the
     rest; None where there are none or the responsibilities are not here to read."""
     mask = config.numeric_mask
-    coefficients = known(config.glm, mask)
-    if coefficients is None or not local(batches):
+    coefficients = _written_rows(config, batches)
+    if coefficients is None:
         return None
     diagonal = np.diag(glm_hessian(config.glm, u, mask, batches))
     out = np.full(u.size, np.nan)
