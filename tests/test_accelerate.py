@@ -12,7 +12,7 @@ import ppl_em
 from ppl_em.em import apply_start, default_start, em_init, em_step, run_em
 from ppl_em.em.squarem import extrapolate, squarem_alpha, squarem_step
 from ppl_em.steps.passes import fused_estep
-from tests.conftest import assert_monotone, numpy_ops
+from tests.conftest import assert_monotone
 from tests.models_for_tests import stick_breaking
 
 
@@ -205,80 +205,6 @@ def test_an_ascent_reads_q_from_the_statistics_where_they_cover_every_variable(s
     np.testing.assert_allclose(q_at(u)[1], reference,
                                rtol=1e-9, atol=1e-9 * np.abs(reference).max())  # fmt: skip
     assert bool(recentred) == spike
-
-
-def _crawling_stick_breaking(n: int = 2000, k: int = 10, seed: int = 7):
-    """Stick-breaking components, more than the three clusters of the data: EM crawls,
-    and the marginal objective is ill-conditioned in many directions at once."""
-    x = np.random.default_rng(seed).normal(np.array([-4.0, 0.0, 3.0])[np.arange(n) % 3], 1.0)
-    model = stick_breaking(x, k)
-    functions, config = ppl_em.prepare(model)
-    return model, functions, config, default_start(functions, config, None)
-
-
-def _find_map_from(model, functions, u0):
-    """find_MAP from EM's start (the model is a ``pm.NormalMixture``: marginal as is):
-    its log posterior (no Jacobian, as EM's) and its count of evaluations."""
-    import warnings
-
-    start = dict(zip(functions.layout.rv_names, functions.constrain(u0), strict=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with numpy_ops():
-            point, raw = pm.find_MAP(start=start, model=model, progressbar=False,
-                                     return_raw=True)  # fmt: skip
-            logp_fn = model.compile_logp(jacobian=False)
-    return float(logp_fn({v.name: point[v.name] for v in model.value_vars})), raw.nfev
-
-
-@pytest.mark.slow  # four fits and two find_MAP compilations: about 2 minutes
-def test_ascents_take_fewer_evaluations_than_find_map_and_end_higher():
-    """With SciPy's default L-BFGS memory (10 pairs) the fits' ascents took 777 and 725
-    E-steps on these two crawls, 1502 in all, more than the 1266 evaluations
-    find_MAP's L-BFGS takes from the same starts (456 and 810); holding ``MEMORY``
-    pairs they take 970, and EM still ends higher on each."""
-    esteps, evaluations = 0, 0
-    for k in (10, 12):
-        model, functions, config, u0 = _crawling_stick_breaking(k=k)
-        run = run_em(functions, config, u0)
-        reference, nfev = _find_map_from(model, functions, u0)
-        assert run.converged
-        assert run.state.objective >= reference
-        esteps, evaluations = esteps + run.n_estep, evaluations + nfev
-    assert esteps < evaluations
-
-
-def test_the_loop_runs_with_one_blas_thread_and_restores_it(monkeypatch):
-    """The M-step's Newton and the ascent's L-BFGS-B make many small BLAS calls; with
-    OpenBLAS's second thread spinning on a busy machine each took milliseconds (an
-    EM iteration 190-600 ms against 65-80 ms with one thread, the same numbers). The
-    whole loop, not only its E-steps, runs with one BLAS thread; the setting before
-    the fit is restored."""
-    from ppl_em.em import loop as em_loop
-    from ppl_em.em import marginal
-    from ppl_em.em import step as em_step_module
-
-    _, functions, config, u0 = _crawling_stick_breaking(300, 8, 3)
-
-    def threads():
-        return [p["num_threads"] for p in functions.blas.info() if p["user_api"] == "blas"]
-
-    seen = {"m_step": [], "ascent": []}
-
-    def spy(name, real):
-        return lambda *a, **k: seen[name].append(threads()) or real(*a, **k)
-
-    monkeypatch.setattr(em_step_module, "closed_step", spy("m_step", em_step_module.closed_step))
-    monkeypatch.setattr(marginal, "minimize", spy("ascent", marginal.minimize))
-    # two threads outside, whatever this machine's default, so the check can fail
-    with functions.blas.limit(limits=2, user_api="blas"):
-        before = threads()
-        em_loop.run_em(functions, config, u0, max_iter=40)
-        after = threads()
-    assert before and all(n == 2 for n in before)
-    assert seen["m_step"] and seen["ascent"]
-    assert all(n == 1 for calls in seen.values() for threads_ in calls for n in threads_)
-    assert after == before
 
 
 def test_a_moderate_crawl_of_a_numeric_m_step_gets_an_ascent():
