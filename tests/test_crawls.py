@@ -36,7 +36,7 @@ def _find_map_from(model, functions, u0, **kwargs):
     return float(logp_fn({v.name: point[v.name] for v in model.value_vars}))
 
 
-@pytest.mark.slow  # six fits and three find_MAP compilations: about 2-3 minutes
+@pytest.mark.slow  # five fits and three find_MAP runs: 39-114 s (CI and this VM)
 def test_ascents_end_at_maxima_in_fewer_e_steps_than_with_scipys_ten_pairs(monkeypatch):
     """On two stick-breaking crawls, where the objective is flat along the spare
     components and has many local maxima:
