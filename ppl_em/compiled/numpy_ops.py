@@ -138,16 +138,17 @@ def _row_sum(node) -> bool:
 
 def row_sum_thunk(node, made, compute_map):
     """A thunk for a :func:`_row_sum` node that adds the columns of a matrix with
-    fewer than ``SEQUENTIAL_SUM`` of them one by one. ``Sum.perform`` copies the matrix
-    and reduces each row of it: over N x 4 rows, 124 us against 10 us for the columns'
-    additions, with the same values (``benchmarks/README.md``)."""
+    fewer than ``SEQUENTIAL_SUM`` of them one by one, and leaves wider ones to PyTensor's
+    own thunk ``made``. ``Sum.perform`` copies the matrix and reduces each row of it:
+    over N x 4 rows, 124 us against 10 us for the columns' additions, with the same
+    values (``benchmarks/README.md``)."""
     (cell,), (out,) = made.inputs, made.outputs
     done = compute_map[node.outputs[0]]
 
     def thunk():
         x = cell[0]
         if not 0 < x.shape[1] < SEQUENTIAL_SUM:
-            out[0] = np.add.reduce(np.array(x, dtype=np.float64), axis=1)
+            made()
         else:
             acc = x[:, 0] + 0.0  # as NumPy's sum: from 0.0, so that -0.0 + -0.0 is 0.0
             for j in range(1, x.shape[1]):

@@ -34,9 +34,9 @@ EPS = 0.1
 NEWTON_SAMPLE = 10_000
 NEWTON_SAMPLED_FROM = 5 * NEWTON_SAMPLE
 # The start's Newton stops once its decrement is below this many standard errors (under
-# Q) of Q's maximum, where EM's exact M-steps go on to 1e-12. Q's gradient is a sum
-# over the data whose rounding alone is some 1e-9 of them at N=10^5 (the
-# negative-binomial regression's start: 2.5e-9, 5e-10, 9.3e-10 in its last three
+# Q) of Q's maximum, where EM's exact M-steps go on to newton.DECREMENT_TOL. Q's
+# gradient is a sum over the data whose rounding alone is some 1e-9 of them at N=10^5
+# (the negative-binomial regression's start: 2.5e-9, 5e-10, 9.3e-10 in its last three
 # Newton steps), and each step there costs a Hessian and a gradient over the data.
 START_DECREMENT = 1e-8
 

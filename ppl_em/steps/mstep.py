@@ -31,6 +31,7 @@ from ppl_em.steps.mvn_moments import (
     pooled_covariance,
 )
 from ppl_em.steps.mvn_solve import MvnUpdate, compile_update, solve_params
+from ppl_em.steps.newton import DECREMENT_TOL
 from ppl_em.steps.numeric import maximise_q
 from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
 from ppl_em.steps.stats_newton import block_statistics, statistics_update
@@ -56,7 +57,7 @@ class MStepConfig(NamedTuple):
     grad_reduction: float = GEM_GRAD_REDUCTION
     statistics: tuple[StatsQ, ...] = ()
     glm: tuple[GlmSpec, ...] = ()
-    decrement_tol: float = 1e-12
+    decrement_tol: float = DECREMENT_TOL
 
 
 class Expectations(NamedTuple):

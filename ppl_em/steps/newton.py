@@ -39,6 +39,9 @@ ROUNDING = 1e-13
 # rounding (the acceptance threshold of :mod:`ppl_em.steps.stats_newton`).
 NOISE = 1e-6
 STALL = 3
+# Q's maximiser, by default: Newton stops once its decrement is below this many standard
+# errors under Q (the default start asks for less).
+DECREMENT_TOL = 1e-12
 
 
 class NewtonResult(NamedTuple):
@@ -119,7 +122,7 @@ def newton_maximise(
     start: np.ndarray,
     grad_reduction: float,
     max_iter: int = 100,
-    tol: float = 1e-12,
+    tol: float = DECREMENT_TOL,
     curvature=None,
 ) -> NewtonResult:
     """Damped Newton from ``start`` until the decrement has shrunk by ``grad_reduction``

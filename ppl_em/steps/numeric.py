@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.steps.estep import q_and_grad
-from ppl_em.steps.newton import newton_maximise, partial_hessian
+from ppl_em.steps.newton import DECREMENT_TOL, newton_maximise, partial_hessian
 
 
 class NumericResult(NamedTuple):
@@ -137,7 +137,7 @@ def maximise_q(
     maxiter: int = 500,
     gtol: float = 1e-10,
     exact=None,
-    decrement_tol: float = 1e-12,
+    decrement_tol: float = DECREMENT_TOL,
 ) -> NumericResult:
     """Increase Q over ``u[mask]`` from ``u``: stop once the scaled gradient has shrunk
     by ``grad_reduction`` (a generalised step) or, for 0, at Q's maximiser.
