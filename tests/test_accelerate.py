@@ -326,3 +326,32 @@ def test_an_ascent_scales_regression_coefficients_by_their_written_curvature():
     assert ascent.state.objective > state.objective
     # one gradient per evaluation, one at the start, one difference for the weights
     assert calls["q"] == ascent.n_estep + 2
+
+
+def test_an_ascent_that_gains_nothing_measurable_ends_after_stale_evaluations(monkeypatch):
+    """At the optimum, with a gradient that points away from it, every step L-BFGS
+    tries loses or gains less than the objective's rounding: the ascent ends after
+    ``STALE`` evaluations (L-BFGS-B alone would spend its line search's 20 and more),
+    and hands back its start."""
+    from ppl_em.em import marginal
+    from ppl_em.em.step import em_data
+    from tests.test_glm import _data, _model
+
+    x, y = _data("poisson", n=600)
+    fit = ppl_em.fit(_model("poisson", x, y), progressbar=False, tol=1e-10)
+    assert fit.converged
+    functions, config = fit.prepared
+    data = em_data(functions, config)
+    u = fit.unconstrained
+    state = em_init(functions, u, config, data, keep_resp=True)
+    calls = []
+
+    def misleading(*args):
+        calls.append(1)
+        return np.full(u.size, 10.0)
+
+    monkeypatch.setattr(marginal, "_gradient", misleading)
+    ascent = marginal.marginal_ascent(functions, config, state, data)
+    assert ascent.n_estep == marginal.STALE == len(calls)
+    assert ascent.state.objective == state.objective
+    np.testing.assert_array_equal(ascent.state.u, u)

@@ -159,6 +159,7 @@ def test_the_start_on_many_observations_is_still_the_exact_m_step_of_all_of_them
     before. Q's calls show that both the sample and the whole data were read. The sizes
     are a tenth of the code's (the same stride): small data keeps Q off C."""
     from ppl_em.em import starts
+    from ppl_em.steps import mstep
 
     monkeypatch.setattr(starts, "NEWTON_SAMPLE", starts.NEWTON_SAMPLE // 10)
     monkeypatch.setattr(starts, "NEWTON_SAMPLED_FROM", starts.NEWTON_SAMPLED_FROM // 10)
@@ -166,11 +167,12 @@ def test_the_start_on_many_observations_is_still_the_exact_m_step_of_all_of_them
     functions, config = ppl_em.prepare(_model("poisson", x, y))
     sizes = []
 
-    def counted(*args, q=functions.q_and_grad):
-        sizes.append(args[1].shape[1])
-        return q(*args)
+    def counted(functions, specs, u, batches, value=True, q=mstep.written_q):
+        sizes.append(sum(chunk.n for _, chunk in batches()))
+        return q(functions, specs, u, batches, value)
 
-    u = default_start(functions._replace(q_and_grad=counted), config, None)
+    monkeypatch.setattr(mstep, "written_q", counted)  # Q written out: a regression mixture
+    u = default_start(functions, config, None)
     assert set(sizes) == {starts.NEWTON_SAMPLE, starts.NEWTON_SAMPLED_FROM}
     k = functions.graph.n_components
     gamma = starts.soft_responsibilities(

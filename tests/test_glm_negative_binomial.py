@@ -19,7 +19,7 @@ import ppl_em
 from ppl_em.em import default_start
 from ppl_em.steps import newton as newton_module
 from ppl_em.steps.estep import q_and_grad, whole_data
-from ppl_em.steps.glm import _polygamma_differences, glm_hessian, known
+from ppl_em.steps.glm import glm_hessian, known, polygamma_differences
 from ppl_em.steps.mstep import expectations_from_resp, m_step_from_resp, make_mstep_config
 from tests.conftest import assert_same_params
 from tests.test_glm import PRIOR_SD, _mixture_of
@@ -222,14 +222,14 @@ def test_negative_binomial_dispersion_it_cannot_read_keeps_finite_differences(ca
 
 
 @pytest.mark.parametrize("alpha", [0.3, 2.0, 50.0])
-def test_tabulated_polygamma_differences_of_counts_equal_scipy(alpha):
+def test_tabulatedpolygamma_differences_of_counts_equal_scipy(alpha):
     y = np.random.default_rng(6).negative_binomial(2.0, 0.2, 500).astype(float)
-    psi, psi1 = _polygamma_differences(y, alpha)
+    psi, psi1 = polygamma_differences(y, alpha)
     np.testing.assert_allclose(psi, digamma(y + alpha) - digamma(alpha), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(psi1, polygamma(1, y + alpha) - polygamma(1, alpha), rtol=1e-10,
                                atol=1e-14)  # fmt: skip
     # values that are not counts take the special functions
-    psi, _ = _polygamma_differences(y + 0.5, alpha)
+    psi, _ = polygamma_differences(y + 0.5, alpha)
     np.testing.assert_allclose(psi, digamma(y + 0.5 + alpha) - digamma(alpha), rtol=1e-14)
 
 

@@ -6,9 +6,9 @@ observation, the superfluous weights of a stick-breaking prior) EM needs thousan
 iterations. The marginal objective ``l(u)`` and its gradient are both at hand in EM's
 own pieces: ``l`` is the E-step's objective, and by Fisher's identity
 ``dl/du = dQ(u' | u)/du'`` at ``u' = u``, the gradient of Q with the responsibilities
-at ``u`` (the compiled ``q_and_grad`` of the numeric M-step, or, where every variable
-is in a block maximised from the statistics, those blocks' compiled Q of the E-step's
-sums).
+at ``u`` (the compiled ``q_and_grad`` of the numeric M-step; a regression mixture's Q
+written out, :mod:`ppl_em.steps.glm_q`; or, where every variable is in a block
+maximised from the statistics, those blocks' compiled Q of the E-step's sums).
 
 :func:`marginal_ascent` runs L-BFGS on ``l`` from the point EM has reached, in
 coordinates scaled by Q's curvature there (one unit is about one standard error under
@@ -31,6 +31,8 @@ from ppl_em.em.convergence import ROUNDING
 from ppl_em.em.step import EMData, EMState, em_init
 from ppl_em.errors import DataError
 from ppl_em.steps.estep import q_and_grad
+from ppl_em.steps.glm import local
+from ppl_em.steps.glm_q import scores_cover, written_q
 from ppl_em.steps.mstep import MStepConfig, written_curvature
 from ppl_em.steps.numeric import curvature_scales
 from ppl_em.steps.stats_newton import block_statistics
@@ -83,10 +85,21 @@ MAX_EVALS = 300
 # iterations against 1381 and 70); a pair costs O(size) arithmetic per iteration,
 # nothing beside an evaluation's E-step.
 MEMORY = 60
+# Evaluations in a row that raise the objective by less than its rounding end an ascent:
+# L-BFGS-B's own ftol stop needs an accepted step, and at the rounding floor its line
+# search can fail to accept one for dozens of evaluations, as the gradient's last bits
+# decide (a Poisson regression mixture, N=600: 27 after the last measurable gain in one
+# version of this stop's code; benchmarks/README.md, "Q of regression mixtures written
+# out").
+STALE = 10
 # The ascent stays within this many standard errors (complete data) of where it
 # started: far enough for any crawl, and a bound on how far it can run towards a
 # degenerate point (a variance -> 0), which EM too would approach.
 REACH = 1e4
+
+
+class _Stale(Exception):
+    """An ascent's last ``STALE`` evaluations gained nothing measurable."""
 
 
 class Ascent(NamedTuple):
@@ -145,20 +158,24 @@ def statistics_cover(config: MStepConfig, size: int) -> bool:
     return bool(covered.all())
 
 
-def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data, expectations=None):
+def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data, expectations=None,
+          value: bool = True):  # fmt: skip
     """Q with the responsibilities held at ``state``, as ``u -> (Q, dQ/du)``.
 
-    Where every variable is in a block maximised from the statistics (a stick-breaking
-    prior's sticks, Normal components with non-conjugate priors), Q is the sum of those
-    blocks' compiled Q of the E-step's sums: microseconds a call, and nothing to
-    compile, where Q over the data is a pass over it and, in such a model, a C
-    compilation of its gradient for the ascent alone. Else (or where a block's sums
+    A regression mixture's Q is written out (:mod:`ppl_em.steps.glm_q`; its value NaN
+    without ``value``). Where every variable is in a block maximised from the statistics
+    (a stick-breaking prior's sticks, Normal components with non-conjugate priors), Q is
+    the sum of those blocks' compiled Q of the E-step's sums: microseconds a call, and
+    nothing to compile, where Q over the data is a pass over it and, in such a model, a
+    C compilation of its gradient for the ascent alone. Else (or where a block's sums
     would cancel even recentred) Q over the data. ``expectations``: those of
     ``data.expectations`` at ``state`` already at hand."""
     # Streamed data keep no responsibilities here: an ascent's memory stays a chunk.
     if expectations is None:
         expectations = data.expectations(functions, state, keep=False)
     ex, q_functions, batches = expectations
+    if scores_cover(functions, config.plan, config.glm) and local(batches):
+        return lambda u: written_q(q_functions, config.glm, u, batches, value)
     first, parts = len(config.plan.blocks), []
     if statistics_cover(config, state.u.size):
         blocks = zip(config.plan.statistics, config.statistics, strict=True)
@@ -179,7 +196,7 @@ def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data, exp
 
 def _gradient(functions: EMFunctions, config: MStepConfig, state: EMState, data):
     """``dl/du`` at ``state.u`` by Fisher's identity (responsibilities at ``state.u``)."""
-    return _q_at(functions, config, state, data)(state.u)[1]
+    return _q_at(functions, config, state, data, value=False)(state.u)[1]
 
 
 def marginal_ascent(
@@ -192,15 +209,20 @@ def marginal_ascent(
     q_at = _q_at(functions, config, state, data, expectations)
     written = written_curvature(config, state.u, expectations[2])
     scales = curvature_scales(q_at, state.u, q_at(state.u)[1], written)
-    best = [state]
+    best, stale = [state], [0]
 
     def negative(z: np.ndarray):
         count[0] += 1
+        stale[0] += 1
+        if stale[0] > STALE:
+            raise _Stale
         try:
             new = em_init(functions, state.u + scales * z, config, data, keep_resp=True)
         except DataError:
             return np.inf, np.zeros_like(z)
         if new.objective > best[0].objective:
+            if new.objective - best[0].objective > ROUNDING * max(1.0, abs(new.objective)):
+                stale[0] = 0
             best[0] = new
         return -new.objective, -scales * _gradient(functions, config, new, data)
 
@@ -211,6 +233,9 @@ def marginal_ascent(
     options = {"maxfun": MAX_EVALS, "maxiter": MAX_EVALS, "ftol": ROUNDING, "gtol": 1e-10,
                "maxcor": MEMORY}  # fmt: skip
     bounds = [(-REACH, REACH)] * state.u.size
-    minimize(negative, np.zeros_like(state.u), jac=True, method="L-BFGS-B",
-             bounds=bounds, options=options)  # fmt: skip
+    try:
+        minimize(negative, np.zeros_like(state.u), jac=True, method="L-BFGS-B",
+                 bounds=bounds, options=options)  # fmt: skip
+    except _Stale:
+        count[0] -= 1  # the evaluation that raised ran no E-step
     return Ascent(best[0], count[0])

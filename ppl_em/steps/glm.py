@@ -9,9 +9,9 @@ coefficients ``b_k`` is block-diagonal by component:
 minus the Normal priors' precisions ``1 / s^2`` on the diagonal (``mode="map"``). That is
 one pass over the data, where finite differences of Q's gradient take one per
 coefficient; with it, the numeric step's damped Newton is iteratively reweighted least
-squares. Q's value and gradient still come from the model's compiled graph, so only
-the curvature is written here, and a test checks it against differences of that
-gradient.
+squares. A test checks it against differences of the gradient compiled from the
+model's graph; where the model is regression components and weights alone, Q's value
+and gradient are written out too (:mod:`ppl_em.steps.glm_q`).
 
 A negative binomial with mean ``mu = exp(eta)`` and dispersion ``alpha`` (free, fitted on
 ``t = log alpha``, per component or shared; or known) has, per observation, with
@@ -43,8 +43,8 @@ from ppl_em.model.blocks import Block
 class GlmSpec(NamedTuple):
     """One regression family: ``index[k, j]``, the entry of ``u`` of coefficient j of
     component k; each coefficient's covariate (None for an intercept, a column of the
-    data by position, or a whole array); the prior precision of each coefficient. A
-    negative binomial's also: its observed column's position, and either ``log_alpha``
+    data by position, or a whole array); the prior precision of each coefficient; the
+    observed column's position. A negative binomial's also either ``log_alpha``
     (per component, the entry of ``u`` holding its log dispersion) with that entry's log
     prior (``(kind, *hyper)``, None for ``mode="mle"``), or the known ``alpha``."""
 
@@ -52,7 +52,7 @@ class GlmSpec(NamedTuple):
     index: np.ndarray
     covariates: tuple
     precision: np.ndarray
-    observed: int = -1
+    observed: int
     log_alpha: np.ndarray | None = None
     alpha_prior: tuple | None = None
     alpha: np.ndarray | None = None
@@ -68,15 +68,14 @@ def _precision(prior: tuple | None, size: int, mode: str) -> np.ndarray:
 def _dispersion(functions: EMFunctions, block: Block) -> dict:
     """A negative binomial's dispersion fields of :class:`GlmSpec`."""
     layout, k = functions.layout, functions.graph.n_components
-    fields = {"observed": functions.data_names.index(block.data_name)}
     slot = block.slots.get("alpha")
     if slot is None:
-        return {**fields, "alpha": np.broadcast_to(block.consts["alpha"], (k,)).astype(float)}
+        return {"alpha": np.broadcast_to(block.consts["alpha"], (k,)).astype(float)}
     where = layout.slices[layout.rv_names.index(slot.refs[0][0].name)]
     entries = np.array([where.start + e for _, e in slot.refs])
     # One hyperparameter per entry already (ppl_em.model.blocks.slot_prior).
     prior = block.priors["alpha"] if functions.mode == "map" else None
-    return {**fields, "log_alpha": np.broadcast_to(entries, (k,)), "alpha_prior": prior}
+    return {"log_alpha": np.broadcast_to(entries, (k,)), "alpha_prior": prior}
 
 
 def glm_spec(functions: EMFunctions, block: Block) -> GlmSpec:
@@ -93,23 +92,33 @@ def glm_spec(functions: EMFunctions, block: Block) -> GlmSpec:
     family = block.family.removesuffix("_glm")
     extra = _dispersion(functions, block) if family == "negative_binomial" else {}
     return GlmSpec(family, np.array(index).T, tuple(covariates), np.array(precision).T,
-                   **extra)  # fmt: skip
+                   names.index(block.data_name), **extra)  # fmt: skip
 
 
-def _design(spec: GlmSpec, chunk) -> np.ndarray:
-    """The chunk's n x J covariates (a column of ones for an intercept)."""
+def covariates(spec: GlmSpec, chunk) -> list:
+    """The chunk's covariate per coefficient (None for an intercept)."""
     n, columns = chunk.n, []
     for cov in spec.covariates:
         if cov is None:
-            columns.append(np.ones(n))
+            columns.append(None)
         elif isinstance(cov, int):
             columns.append(np.asarray(chunk.arrays[cov], dtype=float).reshape(n))
         else:
             columns.append(np.asarray(cov, dtype=float).reshape(-1)[chunk.start : chunk.start + n])
-    return np.stack(columns, axis=1)
+    return columns
 
 
-def _owned(spec: GlmSpec) -> np.ndarray:
+def _design(spec: GlmSpec, chunk) -> np.ndarray:
+    """The chunk's n x J covariates (a column of ones for an intercept)."""
+    return np.stack([np.ones(chunk.n) if c is None else c for c in covariates(spec, chunk)],
+                    axis=1)  # fmt: skip
+
+
+def observed_values(spec: GlmSpec, chunk) -> np.ndarray:
+    return np.asarray(chunk.arrays[spec.observed], dtype=float).reshape(chunk.n)
+
+
+def spec_entries(spec: GlmSpec) -> np.ndarray:
     """The entries of ``u`` whose Hessian rows :func:`glm_hessian` writes."""
     dispersion = () if spec.log_alpha is None else (spec.log_alpha,)
     return np.concatenate([spec.index.ravel(), *dispersion])
@@ -121,7 +130,7 @@ def known(specs: tuple[GlmSpec, ...], mask: np.ndarray) -> np.ndarray | None:
     some of them are not among the numeric entries."""
     owned = np.zeros_like(mask)
     for spec in specs:
-        owned[_owned(spec)] = True
+        owned[spec_entries(spec)] = True
     if not owned.any() or np.any(owned & ~mask):
         return None
     return owned[mask]
@@ -145,7 +154,7 @@ def _nb_terms(eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
     if not free:
         return bb, None, None
     ba = amr * (y - mu)
-    psi, psi1 = _polygamma_differences(y, alpha)
+    psi, psi1 = polygamma_differences(y, alpha)
     aa = alpha**2 * psi1 + alpha * mu / r - ba + alpha * (psi - np.log1p(mu / alpha))
     return bb, ba, aa
 
@@ -154,7 +163,7 @@ def _nb_terms(eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
 TABLE_MAX = 1_000_000
 
 
-def _polygamma_differences(y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def polygamma_differences(y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``psi(y + alpha) - psi(alpha)`` and ``psi1(y + alpha) - psi1(alpha)``. For counts,
     ``sum_{j<y} 1 / (alpha + j)`` and ``-sum_{j<y} 1 / (alpha + j)^2``, tabulated once up
     to the largest count: some fifty times faster than digamma and trigamma (a Hurwitz
@@ -198,8 +207,7 @@ def _family_hessian(spec: GlmSpec, u: np.ndarray, position, size: int, batches) 
     alpha_at = None if spec.log_alpha is None else position[spec.log_alpha]
     for gamma_t, chunk in batches():
         x = _design(spec, chunk)
-        y = None if spec.observed < 0 else np.asarray(chunk.arrays[spec.observed], dtype=float)
-        y = None if y is None else y.reshape(chunk.n)
+        y = observed_values(spec, chunk)
         for k, at in enumerate(where):
             log_alpha = None if alpha_at is None else u[spec.log_alpha[k]]
             bb, ba, aa = _terms(spec, x @ u[spec.index[k]], y, log_alpha, k)

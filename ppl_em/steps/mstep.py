@@ -24,6 +24,7 @@ from ppl_em.steps.closed_form import Batches, closed_form_update
 from ppl_em.steps.columns import StatsRequest, stats_request
 from ppl_em.steps.estep import whole_data
 from ppl_em.steps.glm import GlmSpec, glm_hessian, glm_specs, known, local
+from ppl_em.steps.glm_q import scores_cover, written_q
 from ppl_em.steps.mvn_moments import (
     moments_from_stats,
     moments_missing,
@@ -201,10 +202,19 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
             return coefficients, glm_hessian(config.glm, full, mask, batches)
 
     found = maximise_q(functions, u, mask, batches, config.grad_reduction, config.maxiter,
-                       config.gtol, exact, config.decrement_tol)  # fmt: skip
+                       config.gtol, exact, config.decrement_tol, _written_q(functions, config,
+                       batches))  # fmt: skip
     out = u.copy()
     out[mask] = found.values
     return out
+
+
+def _written_q(functions: EMFunctions, config: MStepConfig, batches: Batches):
+    """Q written out (:mod:`ppl_em.steps.glm_q`) where the model allows and the
+    responsibilities are here to read, else None (the compiled Q)."""
+    if not (scores_cover(functions, config.plan, config.glm) and local(batches)):
+        return None
+    return lambda full: written_q(functions, config.glm, full, batches)
 
 
 def _written_rows(config: MStepConfig, batches: Batches) -> np.ndarray | None:

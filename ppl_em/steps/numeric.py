@@ -85,14 +85,14 @@ class _Tracked:
     finite progress. ``probe`` evaluates without remembering (the curvature's
     finite-difference points are not steps)."""
 
-    def __init__(self, functions: EMFunctions, u: np.ndarray, mask: np.ndarray, batches):
-        self._args = (functions, u.copy(), mask, batches)
+    def __init__(self, q, u: np.ndarray, mask: np.ndarray):
+        self._args = (q, u.copy(), mask)
         self.best_q, self.best_x = -np.inf, None
 
     def probe(self, sub: np.ndarray):
-        functions, full, mask, batches = self._args
+        q_of, full, mask = self._args
         full[mask] = sub
-        q, grad = q_and_grad(functions, full, batches())
+        q, grad = q_of(full)
         if not np.isfinite(q):
             return -np.inf, np.zeros_like(sub)
         return float(q), grad[mask]
@@ -138,6 +138,7 @@ def maximise_q(
     gtol: float = 1e-10,
     exact=None,
     decrement_tol: float = DECREMENT_TOL,
+    q=None,
 ) -> NumericResult:
     """Increase Q over ``u[mask]`` from ``u``: stop once the scaled gradient has shrunk
     by ``grad_reduction`` (a generalised step) or, for 0, at Q's maximiser.
@@ -147,9 +148,15 @@ def maximise_q(
     standard errors), with the Hessian's entries among the variables
     ``exact(sub) -> (known, entries)`` knows exact and the rest from differences; larger
     ones L-BFGS runs, each in coordinates scaled by the curvature where the last one
-    ended, while Q still rises.
+    ended, while Q still rises. ``q(u) -> (Q, dQ/du)``: Q written out
+    (:mod:`ppl_em.steps.glm_q`); by default the compiled Q summed over ``batches``.
     """
-    evaluate = _Tracked(functions, u, mask, batches)
+    if q is None:
+
+        def q(full: np.ndarray):
+            return q_and_grad(functions, full, batches())
+
+    evaluate = _Tracked(q, u, mask)
     start = u[mask]
     if start.size <= NEWTON_MAX:
         curvature = None

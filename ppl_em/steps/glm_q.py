@@ -1,0 +1,153 @@
+"""Q of a regression mixture written out: its value and gradient in a few NumPy passes.
+
+Where every observed dependent is one regression family of :mod:`ppl_em.steps.glm`
+over all K components and every other variable is in the label's weights, Q is
+
+    sum_i sum_k gamma_ik l(y_i | eta_ik)  +  sum_k N_k log w_k  +  R(u),
+
+``l`` the family's log density and ``R`` the terms that are not sums over observations
+(log priors, other observed variables). The first sum is written here. The compiled Q
+of the model's graph over one observation, counted ``N_k`` times in component k, is
+the other two plus that observation's ``sum_k N_k l(y_1 | eta_1k)``, which is written
+too and taken off. So the value and gradient are Q's for any responsibilities held,
+with every term that is not an observation's from the graph. Q's compiled gradient is
+one fused loop of scalar C (sigmoids, softpluses, digammas per element): at N=10^5 it
+took 7-33 ms a call against 0.7-2.6 ms here (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import expit, gammaln
+
+from ppl_em.compiled.functions import EMFunctions
+from ppl_em.model.recognise import ClosedFormPlan
+from ppl_em.steps.glm import (
+    TABLE_MAX,
+    GlmSpec,
+    covariates,
+    observed_values,
+    polygamma_differences,
+    spec_entries,
+)
+from ppl_em.steps.stats import DataChunk
+
+# The label's weights: Q's terms in them are sum_k N_k log w_k, whatever the data.
+WEIGHT_FAMILIES = ("weights", "weights_graph", "bernoulli_label")
+
+
+def scores_cover(functions: EMFunctions, plan: ClosedFormPlan, specs: tuple[GlmSpec, ...]) -> bool:
+    """Whether :func:`written_q` is Q: every observed dependent is one regression family
+    over all K components (nothing missing, one label per row) and every entry of ``u``
+    belongs either to those families or to the label's weights (``plan``'s blocks of
+    ``WEIGHT_FAMILIES``), variables the recognition keeps out of everything else."""
+    graph, layout = functions.graph, functions.layout
+    if not specs or graph.observed_masks or graph.labels_per_row != 1:
+        return False
+    if sorted(b.data_name for b in plan.glm) != sorted(d.name for d in graph.dependents):
+        return False
+    if any(spec.index.shape[0] != graph.n_components for spec in specs):
+        return False
+    weights = {r.name for b in plan.all_blocks if b.family in WEIGHT_FAMILIES
+               for slot in b.slots.values() for r, _ in slot.refs}  # fmt: skip
+    covered = layout.mask(weights)
+    for spec in specs:
+        covered[spec_entries(spec)] = True
+    return bool(covered.all())
+
+
+def _predictor(columns: list, b: np.ndarray, n: int) -> np.ndarray:
+    """``eta = X b`` without the intercepts' column of ones."""
+    eta = np.full(n, sum(bj for bj, c in zip(b, columns, strict=True) if c is None), dtype=float)
+    for bj, c in zip(b, columns, strict=True):
+        if c is not None:
+            eta += bj * c
+    return eta
+
+
+def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
+    """``gammaln(y + a) - gammaln(a)``: for counts ``sum_{j<y} log(a + j)``, tabulated up
+    to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`)."""
+    top = float(y.max(initial=0.0))
+    if top > TABLE_MAX or y.min(initial=0.0) < 0 or np.any(y != np.floor(y)):
+        return gammaln(y + a) - gammaln(a)
+    return np.r_[0.0, np.cumsum(np.log(a + np.arange(int(top))))][y.astype(np.intp)]
+
+
+def _log_density(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    if spec.family == "poisson":
+        return y * eta - np.exp(eta) - log_gamma_ratio(y, 1.0)
+    if spec.family == "bernoulli":  # y eta - softplus(eta)
+        return y * eta - np.maximum(eta, 0.0) - np.log1p(np.exp(-np.abs(eta)))
+    return (log_gamma_ratio(y, alpha) - log_gamma_ratio(y, 1.0) + alpha * np.log(alpha)
+            - (alpha + y) * np.log(alpha + np.exp(eta)) + y * eta)  # fmt: skip
+
+
+def _scores(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
+    """Per observation, ``dl/deta`` (in ``eta``'s memory: fresh arrays at N=10^5 made the
+    logistic scores 2.7 times slower) and, for a free dispersion, ``dl/dlog alpha``:
+    ``y - mu`` for the canonical links; for a negative binomial, with ``r = mu + alpha``,
+    ``alpha (y - mu) / r`` and ``alpha (psi(y + alpha) - psi(alpha) - log(r / alpha)
+    + (mu - y) / r)``."""
+    if spec.family in ("poisson", "bernoulli"):
+        mu = np.exp(eta, out=eta) if spec.family == "poisson" else expit(eta, out=eta)
+        return np.subtract(y, mu, out=mu), None
+    mu = np.exp(eta, out=eta)
+    r = mu + alpha
+    d_t = None
+    if free:
+        psi = polygamma_differences(y, alpha)[0]
+        d_t = alpha * (psi - np.log1p(mu / alpha) + (mu - y) / r)
+    d_eta = np.subtract(y, mu, out=mu)
+    d_eta *= alpha
+    return np.divide(d_eta, r, out=d_eta), d_t
+
+
+def _dispersion(spec: GlmSpec, u: np.ndarray, k: int) -> float | None:
+    if spec.log_alpha is not None:
+        return float(np.exp(u[spec.log_alpha[k]]))
+    return None if spec.alpha is None else float(spec.alpha[k])
+
+
+def observation_terms(specs: tuple[GlmSpec, ...], u: np.ndarray, gamma_t: np.ndarray, chunk,
+                      value: bool = True) -> tuple[float, np.ndarray]:  # fmt: skip
+    """``sum_i sum_k gamma_ik l(y_i | eta_ik)`` over ``chunk`` (0.0 without ``value``) and
+    its gradient in the specs' entries of ``u`` (0 elsewhere)."""
+    q, grad = 0.0, np.zeros(u.size)
+    for spec in specs:
+        columns, y = covariates(spec, chunk), observed_values(spec, chunk)
+        for k in range(spec.index.shape[0]):
+            free = spec.log_alpha is not None
+            alpha = _dispersion(spec, u, k)
+            eta = _predictor(columns, u[spec.index[k]], chunk.n)
+            if value:
+                q += float(gamma_t[k] @ _log_density(spec, eta, y, alpha))
+            d_eta, d_t = _scores(spec, eta, y, alpha, free)
+            r = np.multiply(d_eta, gamma_t[k], out=d_eta)
+            np.add.at(grad, spec.index[k], [r.sum() if c is None else c @ r for c in columns])
+            if d_t is not None:
+                grad[spec.log_alpha[k]] += gamma_t[k] @ d_t
+    return q, grad
+
+
+def written_q(functions: EMFunctions, specs: tuple[GlmSpec, ...], u: np.ndarray, batches,
+              value: bool = True) -> tuple[float, np.ndarray]:  # fmt: skip
+    """Q at ``u`` and its gradient, summed over ``(gamma_t, chunk)`` batches, where
+    :func:`scores_cover` holds (the module docstring); without ``value`` the gradient
+    alone (the value NaN). With the responsibilities at ``u`` the gradient is the
+    marginal objective's (Fisher's identity)."""
+    q, grad, nk, first = 0.0, np.zeros(u.size), 0.0, None
+    # A Newton step probing far (a dispersion's exp(t) underflowing to 0) gets a Q that
+    # is not finite, which its caller rejects, as it does the compiled Q's (which does
+    # not warn either).
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        for gamma_t, chunk in batches():
+            part_q, part_grad = observation_terms(specs, u, gamma_t, chunk, value)
+            q, grad = q + part_q, grad + part_grad
+            nk, first = nk + gamma_t.sum(axis=1), chunk if first is None else first
+        one = DataChunk(tuple(a[:1] for a in first.arrays), first.start)
+        counts = np.asarray(nk, dtype=float)[:, None]
+        rest_q, rest = functions.q_and_grad(u, counts, 1.0, *one.arrays, *functions.fixed_data)
+        one_q, one_grad = observation_terms(specs, u, counts, one, value)
+        total = float(rest_q) - one_q + q if value else np.nan
+        return total, grad + np.asarray(rest, dtype=float) - one_grad

@@ -1,0 +1,126 @@
+"""The marginal ascent's gradient for regression mixtures, with the observations' terms
+written out (``ppl_em.steps.glm_q.written_q``), against the gradient of Q compiled
+from the model's graph, and the models it must not be used for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+import pytest
+
+import ppl_em
+from models import experts
+from ppl_em.em import default_start
+from ppl_em.steps.estep import q_and_grad
+from ppl_em.steps.glm_q import scores_cover, written_q
+from ppl_em.steps.mstep import expectations_from_resp
+from tests.test_glm import PRIOR_SD, _data, _model
+from tests.test_glm_negative_binomial import _nb_data, _nb_model
+
+
+def _stick_breaking_poisson(x, y, k: int = 3) -> pm.Model:
+    """Poisson regressions whose weights are stick-breaking (a function of Beta sticks)."""
+    with pm.Model() as model:
+        v = pm.Beta("v", 1.0, 2.0, shape=k - 1)
+        rest = pt.concatenate([[1.0], pt.extra_ops.cumprod(1.0 - v)])
+        w = pm.Deterministic("w", pt.concatenate([v, [1.0]]) * rest)
+        a = pm.Normal("a", 0.0, PRIOR_SD, shape=k)
+        b = pm.Normal("b", 0.0, PRIOR_SD, shape=k)
+        z = pm.Categorical("z", p=w, shape=x.size)
+        pm.Poisson("y", mu=pt.exp(a[z] + b[z] * x), observed=y)
+    return model
+
+
+def _with_a_normal_dependent(x, y) -> pm.Model:
+    """A Poisson regression and a Normal measurement per observation, one label."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        a = pm.Normal("a", 0.0, PRIOR_SD, shape=2)
+        b = pm.Normal("b", 0.0, PRIOR_SD, shape=2)
+        m = pm.Normal("m", 0.0, 10.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=x.size)
+        pm.Poisson("y", mu=pt.exp(a[z] + b[z] * x), observed=y)
+        pm.Normal("h", mu=m[z], sigma=1.0, observed=x + (y > 3))
+    return model
+
+
+def _models():
+    x, y = _data("poisson")
+    xb, yb = _data("bernoulli")
+    xn, yn = _nb_data()
+    models = {
+        "poisson label map": (_model("poisson", x, y), "map"),
+        "poisson batched mle": (_model("poisson", x, y, form="batched"), "mle"),
+        "bernoulli list": (_model("bernoulli", xb, yb, form="list"), "map"),
+        "negative binomial gamma": (_nb_model(xn, yn, "gamma"), "map"),
+        "negative binomial shared": (_nb_model(xn, yn, "halfnormal_shared"), "map"),
+        "negative binomial known mle": (_nb_model(xn, yn, "known"), "mle"),
+        "stick-breaking weights": (_stick_breaking_poisson(x, y), "map"),
+    }
+    return {name: (lambda m=m, mode=mode: ppl_em.prepare(m, mode=mode))
+            for name, (m, mode) in models.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_the_written_q_equals_the_compiled_q_and_its_gradient(name):
+    """At a point off the optimum, with responsibilities that are not those of that point
+    (the numeric M-step and the curvature's differences hold them): the value, and the
+    gradient in every entry (coefficients, log dispersions, weights)."""
+    functions, config = _models()[name]()
+    assert scores_cover(functions, config.plan, config.glm)
+    k = functions.graph.n_components
+    gamma = np.random.default_rng(1).dirichlet(np.ones(k), size=functions.graph.n_obs)
+    batches = expectations_from_resp(functions, config, gamma).batches
+    u = default_start(functions, config, None)
+    u = u + np.random.default_rng(2).normal(0, 0.1, u.size)
+    q, reference = q_and_grad(functions, u, batches())
+    value, written = written_q(functions, config.glm, u, batches)
+    assert value == pytest.approx(float(q), rel=1e-13)
+    # the point is off Q's maximum in every entry, so no entry is compared with ~0
+    assert np.abs(reference).min() > 1e-3 * np.abs(reference).max()
+    np.testing.assert_allclose(written, reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
+
+
+def test_it_is_the_marginal_gradient_where_the_responsibilities_are_the_points_own():
+    """Fisher's identity: with the responsibilities at ``u``, the written gradient is
+    the marginal log posterior's, here by central differences of the E-step's objective."""
+    from ppl_em.em.step import em_data, em_init
+
+    x, y = _nb_data()
+    functions, config = ppl_em.prepare(_nb_model(x, y, "gamma"))
+    data = em_data(functions, config)
+    u = default_start(functions, config, None)
+    u = u + np.random.default_rng(4).normal(0, 0.05, u.size)
+    state = em_init(functions, u, config, data, keep_resp=True)
+    _, q_functions, batches = data.expectations(functions, state, keep=False)
+    written = written_q(q_functions, config.glm, u, batches, value=False)[1]
+    h = 1e-5
+    objective = lambda v: em_init(functions, v, config, data).objective  # noqa: E731
+    differences = [(objective(u + h * e) - objective(u - h * e)) / (2 * h) for e in np.eye(u.size)]
+    np.testing.assert_allclose(written, differences, rtol=1e-6, atol=1e-5)
+
+
+def test_a_second_dependent_with_terms_of_its_own_keeps_the_compiled_gradient():
+    """A Normal measurement beside the Poisson regression adds per-observation terms in
+    its mean ``m``, which the written path would count as the weights' (``N_k`` times
+    one observation's): the guard refuses it, and the written gradient is indeed wrong
+    there."""
+    x, y = _data("poisson")
+    functions, config = ppl_em.prepare(_with_a_normal_dependent(x, y))
+    assert [b.family for b in config.plan.glm] == ["poisson_glm"]
+    assert not scores_cover(functions, config.plan, config.glm)
+    gamma = np.random.default_rng(1).dirichlet(np.ones(2), size=x.size)
+    batches = expectations_from_resp(functions, config, gamma).batches
+    u = default_start(functions, config, None)
+    reference = q_and_grad(functions, u, batches())[1]
+    written = written_q(functions, config.glm, u, batches)[1]
+    m = functions.layout.mask({"m"})
+    np.testing.assert_allclose(written[~m], reference[~m], rtol=1e-9, atol=1e-9)
+    assert np.abs(written[m] - reference[m]).min() > 1.0
+
+
+def test_gated_weights_are_not_covered():
+    """A mixture of experts' weights vary by observation: not a weights block."""
+    functions, config = ppl_em.prepare(experts.build_model())
+    assert not scores_cover(functions, config.plan, config.glm)
