@@ -66,21 +66,24 @@ def _predictor(columns: list, b: np.ndarray, n: int) -> np.ndarray:
 
 
 def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
-    """``gammaln(y + a) - gammaln(a)``: for counts ``sum_{j<y} log(a + j)``, tabulated up
-    to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`)."""
+    """``gammaln(y + a) - gammaln(a) - y log(a)``: for counts ``sum_{j<y} log1p(j / a)``,
+    tabulated up to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`),
+    free of the cancellation of two terms of order ``y log(a)`` for a large ``a``."""
     top = float(y.max(initial=0.0))
     if top > TABLE_MAX or y.min(initial=0.0) < 0 or np.any(y != np.floor(y)):
-        return gammaln(y + a) - gammaln(a)
-    return np.r_[0.0, np.cumsum(np.log(a + np.arange(int(top))))][y.astype(np.intp)]
+        return gammaln(y + a) - gammaln(a) - y * np.log(a)
+    return np.r_[0.0, np.cumsum(np.log1p(np.arange(int(top)) / a))][y.astype(np.intp)]
 
 
 def _log_density(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    if spec.family == "poisson":
+    if spec.family == "poisson":  # log y! = log_gamma_ratio(y, 1)
         return y * eta - np.exp(eta) - log_gamma_ratio(y, 1.0)
     if spec.family == "bernoulli":  # y eta - softplus(eta)
         return y * eta - np.maximum(eta, 0.0) - np.log1p(np.exp(-np.abs(eta)))
-    return (log_gamma_ratio(y, alpha) - log_gamma_ratio(y, 1.0) + alpha * np.log(alpha)
-            - (alpha + y) * np.log(alpha + np.exp(eta)) + y * eta)  # fmt: skip
+    # log Gamma(y + alpha) / (Gamma(alpha) y!) + alpha log(alpha / r) + y log(mu / r),
+    # r = mu + alpha, with the terms of order alpha log(alpha) cancelled by hand
+    return (log_gamma_ratio(y, alpha) - log_gamma_ratio(y, 1.0) + y * eta
+            - (alpha + y) * np.log1p(np.exp(eta) / alpha))  # fmt: skip
 
 
 def _scores(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
