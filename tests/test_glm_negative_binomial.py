@@ -222,7 +222,7 @@ def test_negative_binomial_dispersion_it_cannot_read_keeps_finite_differences(ca
 
 
 @pytest.mark.parametrize("alpha", [0.3, 2.0, 50.0])
-def test_tabulatedpolygamma_differences_of_counts_equal_scipy(alpha):
+def test_tabulated_polygamma_differences_of_counts_equal_scipy(alpha):
     y = np.random.default_rng(6).negative_binomial(2.0, 0.2, 500).astype(float)
     psi, psi1 = polygamma_differences(y, alpha)
     np.testing.assert_allclose(psi, digamma(y + alpha) - digamma(alpha), rtol=1e-12, atol=1e-14)

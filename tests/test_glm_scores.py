@@ -1,6 +1,7 @@
-"""The marginal ascent's gradient for regression mixtures, with the observations' terms
-written out (``ppl_em.steps.glm_q.written_q``), against the gradient of Q compiled
-from the model's graph, and the models it must not be used for."""
+"""Q of regression mixtures with the observations' terms written out
+(``ppl_em.steps.glm_q.written_q``: the numeric M-step's Q, the ascents' gradient)
+against Q compiled from the model's graph and against differences of the marginal
+objective, and the models it must not be used for."""
 
 from __future__ import annotations
 
@@ -137,3 +138,21 @@ def test_tabulated_log_gamma_ratios_of_counts_equal_scipys_special_functions(alp
     half = y + 0.5
     direct = gammaln(half + alpha) - gammaln(alpha) - half * np.log(alpha)
     np.testing.assert_array_equal(log_gamma_ratio(half, alpha), direct)
+
+
+def test_weighted_regression_fits_equal_fits_of_repeated_rows():
+    """Observation weights reach the written Q inside the responsibilities (and its
+    ``N_k``): integer weights fit a Poisson regression mixture as repeated rows do."""
+    x, y = _data("poisson", n=300)
+    counts = np.random.default_rng(9).integers(1, 4, size=x.size)
+    start = {"w": [0.4, 0.6], "a": [0.5, 1.5], "b": [1.2, -0.8]}
+    options = {"start": start, "progressbar": False, "tol": 1e-10}
+    weighted = ppl_em.fit(_model("poisson", x, y), weights=counts, **options)
+    repeated = ppl_em.fit(_model("poisson", np.repeat(x, counts), np.repeat(y, counts)), **options)
+    assert weighted.converged and repeated.converged
+    assert weighted.prepared.config.glm and scores_cover(
+        weighted.prepared.functions, weighted.prepared.config.plan, weighted.prepared.config.glm
+    )
+    assert weighted.log_posterior == pytest.approx(repeated.log_posterior, abs=1e-7)
+    for name in ("w", "a", "b"):
+        np.testing.assert_allclose(weighted.params[name], repeated.params[name], atol=1e-4)
