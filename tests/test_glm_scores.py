@@ -64,7 +64,7 @@ def test_the_written_q_equals_the_compiled_q_and_its_gradient(name):
     gradient in every entry (coefficients, log dispersions, weights)."""
     build, mode = MODELS[name]
     functions, config = ppl_em.prepare(build(), mode=mode)
-    assert scores_cover(functions, config.plan, config.glm)
+    assert scores_cover(functions, config.plan, config.glm) and config.written_q
     k = functions.graph.n_components
     gamma = np.random.default_rng(1).dirichlet(np.ones(k), size=functions.graph.n_obs)
     batches = expectations_from_resp(functions, config, gamma).batches
@@ -105,7 +105,7 @@ def test_a_second_dependent_with_terms_of_its_own_keeps_the_compiled_gradient():
     x, y = _data("poisson")
     functions, config = ppl_em.prepare(_with_a_normal_dependent(x, y))
     assert [b.family for b in config.plan.glm] == ["poisson_glm"]
-    assert not scores_cover(functions, config.plan, config.glm)
+    assert not scores_cover(functions, config.plan, config.glm) and not config.written_q
     gamma = np.random.default_rng(1).dirichlet(np.ones(2), size=x.size)
     batches = expectations_from_resp(functions, config, gamma).batches
     u = default_start(functions, config, None)
@@ -119,7 +119,7 @@ def test_a_second_dependent_with_terms_of_its_own_keeps_the_compiled_gradient():
 def test_gated_weights_are_not_covered():
     """A mixture of experts' weights vary by observation: not a weights block."""
     functions, config = ppl_em.prepare(experts.build_model())
-    assert not scores_cover(functions, config.plan, config.glm)
+    assert not scores_cover(functions, config.plan, config.glm) and not config.written_q
 
 
 @pytest.mark.parametrize("alpha", [0.3, 2.0, 50.0, 1e6])

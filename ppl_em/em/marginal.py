@@ -32,7 +32,7 @@ from ppl_em.em.step import EMData, EMState, em_init
 from ppl_em.errors import DataError
 from ppl_em.steps.estep import q_and_grad
 from ppl_em.steps.glm import local
-from ppl_em.steps.glm_q import scores_cover, written_q
+from ppl_em.steps.glm_q import written_q
 from ppl_em.steps.mstep import MStepConfig, written_curvature
 from ppl_em.steps.numeric import curvature_scales
 from ppl_em.steps.stats_newton import block_statistics
@@ -88,9 +88,9 @@ MEMORY = 60
 # Evaluations in a row that raise the objective by less than its rounding end an ascent:
 # L-BFGS-B's own ftol stop needs an accepted step, and at the rounding floor its line
 # search can fail to accept one for dozens of evaluations, as the gradient's last bits
-# decide (a Poisson regression mixture, N=600: 27 after the last measurable gain in one
-# version of this stop's code; benchmarks/README.md, "Q of regression mixtures written
-# out").
+# decide (a Poisson regression mixture, N=600, with the written gradient and the
+# compiled Q's curvature scales: 25 after the last measurable gain;
+# benchmarks/README.md, "Q of regression mixtures written out").
 STALE = 10
 # The ascent stays within this many standard errors (complete data) of where it
 # started: far enough for any crawl, and a bound on how far it can run towards a
@@ -174,7 +174,7 @@ def _q_at(functions: EMFunctions, config: MStepConfig, state: EMState, data, exp
     if expectations is None:
         expectations = data.expectations(functions, state, keep=False)
     ex, q_functions, batches = expectations
-    if scores_cover(functions, config.plan, config.glm) and local(batches):
+    if config.written_q and local(batches):
         return lambda u: written_q(q_functions, config.glm, u, batches, value)
     first, parts = len(config.plan.blocks), []
     if statistics_cover(config, state.u.size):

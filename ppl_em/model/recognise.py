@@ -154,6 +154,11 @@ def _consistent(family: str, slots: dict, consts: dict) -> str | None:
     return None
 
 
+# The families of the label's weights block (:func:`_weights_block`): variables that
+# enter nothing but the label's probabilities, shared by all observations.
+LABEL_FAMILIES = ("weights", "weights_graph", "bernoulli_label")
+
+
 def _weights_block(graph: MixtureGraph) -> Block | None:
     if graph.kind == "label":
         op = graph.label_rv.owner.op

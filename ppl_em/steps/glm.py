@@ -115,7 +115,8 @@ def _design(spec: GlmSpec, chunk) -> np.ndarray:
 
 
 def observed_values(spec: GlmSpec, chunk) -> np.ndarray:
-    return np.asarray(chunk.arrays[spec.observed], dtype=float).reshape(chunk.n)
+    """The chunk's responses as stored (counts stay integers: no copy per call)."""
+    return np.asarray(chunk.arrays[spec.observed]).reshape(chunk.n)
 
 
 def spec_entries(spec: GlmSpec) -> np.ndarray:
@@ -163,17 +164,24 @@ def _nb_terms(eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
 TABLE_MAX = 1_000_000
 
 
+def tabulable_counts(y: np.ndarray) -> np.ndarray | None:
+    """``y`` as indices into a table of sums up to its largest value, or None where ``y``
+    holds values that are not counts of at most ``TABLE_MAX``."""
+    if y.size and (y.max() > TABLE_MAX or y.min() < 0 or np.any(y != np.floor(y))):
+        return None
+    return y.astype(np.intp)
+
+
 def polygamma_differences(y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``psi(y + alpha) - psi(alpha)`` and ``psi1(y + alpha) - psi1(alpha)``. For counts,
     ``sum_{j<y} 1 / (alpha + j)`` and ``-sum_{j<y} 1 / (alpha + j)^2``, tabulated once up
     to the largest count: some fifty times faster than digamma and trigamma (a Hurwitz
     zeta) over every observation, which took a third of a fit's time at N = 10^5, and
     free of their cancellation for large ``alpha``."""
-    top = float(y.max(initial=0.0))
-    if top > TABLE_MAX or y.min(initial=0.0) < 0 or np.any(y != np.floor(y)):
+    counts = tabulable_counts(y)
+    if counts is None:
         return digamma(y + alpha) - digamma(alpha), polygamma(1, y + alpha) - polygamma(1, alpha)
-    inverse = 1.0 / (alpha + np.arange(int(top)))
-    counts = y.astype(np.intp)
+    inverse = 1.0 / (alpha + np.arange(counts.max(initial=0)))
     return (np.r_[0.0, np.cumsum(inverse)][counts], -np.r_[0.0, np.cumsum(inverse**2)][counts])
 
 

@@ -11,8 +11,11 @@ of the model's graph over one observation, counted ``N_k`` times in component k,
 the other two plus that observation's ``sum_k N_k l(y_1 | eta_1k)``, which is written
 too and taken off. So the value and gradient are Q's for any responsibilities held,
 with every term that is not an observation's from the graph. Q's compiled gradient is
-one fused loop of scalar C (sigmoids, softpluses, digammas per element): at N=10^5 it
-took 7-33 ms a call against 0.7-2.6 ms here (benchmarks/README.md).
+one fused loop of scalar C (sigmoids, softpluses, digammas per element): at N=10^5 the
+compiled Q and gradient took 8.6 ms a call for a logistic and 21 ms for a
+negative-binomial regression mixture, against 5.8 and 3.7 ms here (2.1 and 2.0 ms for
+the gradient alone; benchmarks/README.md, which also has how glibc's allocator moves
+these).
 """
 
 from __future__ import annotations
@@ -21,26 +24,24 @@ import numpy as np
 from scipy.special import expit, gammaln
 
 from ppl_em.compiled.functions import EMFunctions
-from ppl_em.model.recognise import ClosedFormPlan
+from ppl_em.model.recognise import LABEL_FAMILIES, ClosedFormPlan
 from ppl_em.steps.glm import (
-    TABLE_MAX,
     GlmSpec,
     covariates,
     observed_values,
     polygamma_differences,
     spec_entries,
+    tabulable_counts,
 )
 from ppl_em.steps.stats import DataChunk
-
-# The label's weights: Q's terms in them are sum_k N_k log w_k, whatever the data.
-WEIGHT_FAMILIES = ("weights", "weights_graph", "bernoulli_label")
 
 
 def scores_cover(functions: EMFunctions, plan: ClosedFormPlan, specs: tuple[GlmSpec, ...]) -> bool:
     """Whether :func:`written_q` is Q: every observed dependent is one regression family
     over all K components (nothing missing, one label per row) and every entry of ``u``
     belongs either to those families or to the label's weights (``plan``'s blocks of
-    ``WEIGHT_FAMILIES``), variables the recognition keeps out of everything else."""
+    ``LABEL_FAMILIES``, whose Q is ``sum_k N_k log w_k`` whatever the data), variables
+    the recognition keeps out of everything else."""
     graph, layout = functions.graph, functions.layout
     if not specs or graph.observed_masks or graph.labels_per_row != 1:
         return False
@@ -48,7 +49,7 @@ def scores_cover(functions: EMFunctions, plan: ClosedFormPlan, specs: tuple[GlmS
         return False
     if any(spec.index.shape[0] != graph.n_components for spec in specs):
         return False
-    weights = {r.name for b in plan.all_blocks if b.family in WEIGHT_FAMILIES
+    weights = {r.name for b in plan.all_blocks if b.family in LABEL_FAMILIES
                for slot in b.slots.values() for r, _ in slot.refs}  # fmt: skip
     covered = layout.mask(weights)
     for spec in specs:
@@ -69,10 +70,10 @@ def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
     """``gammaln(y + a) - gammaln(a) - y log(a)``: for counts ``sum_{j<y} log1p(j / a)``,
     tabulated up to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`),
     free of the cancellation of two terms of order ``y log(a)`` for a large ``a``."""
-    top = float(y.max(initial=0.0))
-    if top > TABLE_MAX or y.min(initial=0.0) < 0 or np.any(y != np.floor(y)):
+    counts = tabulable_counts(y)
+    if counts is None:
         return gammaln(y + a) - gammaln(a) - y * np.log(a)
-    return np.r_[0.0, np.cumsum(np.log1p(np.arange(int(top)) / a))][y.astype(np.intp)]
+    return np.r_[0.0, np.cumsum(np.log1p(np.arange(counts.max(initial=0)) / a))][counts]
 
 
 def _log_density(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:

@@ -48,7 +48,8 @@ class MStepConfig(NamedTuple):
     """What the M-step does: the closed-form plan, the MvNormal blocks' compiled maps,
     and L-BFGS settings for the numeric variables (``grad_reduction=0``: Q's maximiser,
     which Newton's steps reach once their decrement is below ``decrement_tol``
-    standard errors under Q)."""
+    standard errors under Q). ``written_q``: Q is written out
+    (:func:`ppl_em.steps.glm_q.scores_cover`, decided once per model)."""
 
     plan: ClosedFormPlan
     numeric_mask: np.ndarray
@@ -59,6 +60,7 @@ class MStepConfig(NamedTuple):
     statistics: tuple[StatsQ, ...] = ()
     glm: tuple[GlmSpec, ...] = ()
     decrement_tol: float = DECREMENT_TOL
+    written_q: bool = False
 
 
 class Expectations(NamedTuple):
@@ -93,8 +95,10 @@ def make_mstep_config(
     mask = ~layout.mask(plan.closed | plan.from_statistics)
     mvn = tuple(compile_update(functions, spec) for spec in plan.mvn)
     stats_q = tuple(compile_stats_q(functions, block) for block in plan.statistics)
+    glm = glm_specs(functions, plan.glm)
     return MStepConfig(plan=plan, numeric_mask=mask, mvn=mvn, grad_reduction=grad_reduction,
-                       statistics=stats_q, glm=glm_specs(functions, plan.glm))  # fmt: skip
+                       statistics=stats_q, glm=glm,
+                       written_q=scores_cover(functions, plan, glm))  # fmt: skip
 
 
 def with_reg_covar(config: MStepConfig, reg_covar: float) -> MStepConfig:
@@ -202,17 +206,17 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
             return coefficients, glm_hessian(config.glm, full, mask, batches)
 
     found = maximise_q(functions, u, mask, batches, config.grad_reduction, config.maxiter,
-                       config.gtol, exact, config.decrement_tol, _written_q(functions, config,
+                       config.gtol, exact, config.decrement_tol, _q_over(functions, config,
                        batches))  # fmt: skip
     out = u.copy()
     out[mask] = found.values
     return out
 
 
-def _written_q(functions: EMFunctions, config: MStepConfig, batches: Batches):
-    """Q written out (:mod:`ppl_em.steps.glm_q`) where the model allows and the
-    responsibilities are here to read, else None (the compiled Q)."""
-    if not (scores_cover(functions, config.plan, config.glm) and local(batches)):
+def _q_over(functions: EMFunctions, config: MStepConfig, batches: Batches):
+    """Q over ``batches`` written out (:mod:`ppl_em.steps.glm_q`) where the model allows
+    and the responsibilities are here to read, else None (the compiled Q)."""
+    if not (config.written_q and local(batches)):
         return None
     return lambda full: written_q(functions, config.glm, full, batches)
 
