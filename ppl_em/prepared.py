@@ -11,12 +11,13 @@ from pytensor.graph.traversal import ancestors
 from pytensor.tensor import random as ptr
 
 from ppl_em.compiled.functions import EMFunctions, build_em_functions, with_arrays
-from ppl_em.em.starts import check_support, default_start
+from ppl_em.em.starts import check_support, default_start, initial_u
 from ppl_em.errors import DataError
 from ppl_em.model.data import data_spec
 from ppl_em.model.graph import analyse_model
 from ppl_em.model.recognise import build_plan
 from ppl_em.options import MSTEPS
+from ppl_em.steps.glm_rows import with_written_rows
 from ppl_em.steps.mstep import MStepConfig, make_mstep_config, with_reg_covar
 
 
@@ -50,7 +51,10 @@ def prepare(
     numeric = mstep == "numeric" or bool(set(plan.reasons) - plan.from_statistics)
     functions = build_em_functions(graph, mode, backend=backend, numeric=numeric)
     _check_finite(functions)
-    return PreparedEM(functions, make_mstep_config(functions, plan, mstep))
+    config = make_mstep_config(functions, plan, mstep)
+    if config.written_q:  # the E-step's rows written out too (ppl_em.steps.glm_rows)
+        functions = with_written_rows(functions, config.glm, initial_u(functions))
+    return PreparedEM(functions, config)
 
 
 def _check_finite(functions: EMFunctions) -> None:

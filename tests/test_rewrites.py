@@ -26,6 +26,7 @@ from ppl_em.compiled.rewrites import MANY_RHS, solves_as_products
 from ppl_em.em import apply_start, default_start, em_init
 from ppl_em.model import joint_rows
 from ppl_em.steps import e_step, joint, whole_data
+from ppl_em.steps.glm_rows import WrittenRows
 from tests.conftest import numpy_ops
 from tests.test_glm import _data, _model
 from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
@@ -41,9 +42,16 @@ def _solves(outputs) -> list:
     return found
 
 
+def _compiled(functions):
+    """``functions`` with the rows compiled from the graph, where ``prepare`` swapped in
+    written ones (a regression mixture: ``ppl_em.steps.glm_rows``)."""
+    rows = functions.rows
+    return functions._replace(rows=rows.graph_rows if isinstance(rows, WrittenRows) else rows)
+
+
 def _rows_graph(functions):
     """The rows' graph as handed to the compiler (rewritten): ``(inputs, outputs, mode)``."""
-    return functions.rows.graph
+    return _compiled(functions).rows.graph
 
 
 def _plain_rows(functions) -> tuple[list, list]:
@@ -245,16 +253,19 @@ def test_a_logistic_component_takes_one_softplus_per_observation(backend):
     for a, b in [([0.5, -1.0], [2.0, -3.0]), ([30.0, -2.0], [400.0, -400.0]),
                  ([np.inf, 0.0], [1.0, -1.0]), ([0.0, -np.inf], [0.0, 0.0])]:  # fmt: skip
         u = _logistic_point(functions, w, a, b)
-        rows = joint(functions, u)
+        rows = joint(_compiled(functions), u)
         np.testing.assert_array_equal(rows, np.stack(plain(u, *functions.data), axis=1))
         eta = np.asarray(a)[None, :] + np.asarray(b)[None, :] * x[:, None]
         with np.errstate(invalid="ignore"):
             expected = np.log(w) + np.where(y[:, None] == 1, log_expit(eta), log_expit(-eta))
         np.testing.assert_allclose(rows, expected, rtol=1e-13, atol=0)
+        # the rows an E-step reads, written out (ppl_em.steps.glm_rows)
+        np.testing.assert_allclose(joint(functions, u), expected, rtol=1e-13, atol=0)
     u = _logistic_point(functions, w, [np.nan, 0.0], [1.0, 1.0])
-    rows = joint(functions, u)
+    rows = joint(_compiled(functions), u)
     np.testing.assert_array_equal(rows, np.stack(plain(u, *functions.data), axis=1))
     assert np.all(rows[:, 0] == -np.inf) and np.all(np.isfinite(rows[:, 1]))
+    np.testing.assert_allclose(joint(functions, u), rows, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("form", ["label", "list", "batched"])
@@ -273,11 +284,12 @@ def test_each_form_of_a_logistic_mixture_takes_the_softplus_rows(form):
     plain = pymc_compile(plain_inputs, plain_rows, mode=mode)
     for scale in (2.0, 200.0):
         u = np.random.default_rng(4).normal(0.0, scale, functions.layout.size)
-        rows = joint(functions, u)
+        rows = joint(_compiled(functions), u)
         values = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
         eta = values["a"][None, :] + values["b"][None, :] * x[:, None]
         expected = np.log(values["w"]) + np.where(y[:, None] == 1, log_expit(eta), log_expit(-eta))
         np.testing.assert_allclose(rows, expected, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(joint(functions, u), expected, rtol=1e-13, atol=0)
         theirs = np.stack(plain(u, *functions.data), axis=1)
         if form != "batched":
             np.testing.assert_array_equal(rows, theirs)

@@ -21,18 +21,19 @@ these).
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, gammaln
 
 from ppl_em.compiled.functions import EMFunctions
 from ppl_em.model.recognise import LABEL_FAMILIES, ClosedFormPlan
 from ppl_em.steps.glm import (
     GlmSpec,
     covariates,
+    expit_into,
     observed_values,
     polygamma_differences,
+    predictor_into,
     spec_entries,
-    tabulable_counts,
 )
+from ppl_em.steps.glm_rows import dispersion, log_density_into
 from ppl_em.steps.stats import DataChunk
 
 
@@ -57,36 +58,6 @@ def scores_cover(functions: EMFunctions, plan: ClosedFormPlan, specs: tuple[GlmS
     return bool(covered.all())
 
 
-def _predictor(columns: list, b: np.ndarray, n: int) -> np.ndarray:
-    """``eta = X b`` without the intercepts' column of ones."""
-    eta = np.full(n, sum(bj for bj, c in zip(b, columns, strict=True) if c is None), dtype=float)
-    for bj, c in zip(b, columns, strict=True):
-        if c is not None:
-            eta += bj * c
-    return eta
-
-
-def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
-    """``gammaln(y + a) - gammaln(a) - y log(a)``: for counts ``sum_{j<y} log1p(j / a)``,
-    tabulated up to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`),
-    free of the cancellation of two terms of order ``y log(a)`` for a large ``a``."""
-    counts = tabulable_counts(y)
-    if counts is None:
-        return gammaln(y + a) - gammaln(a) - y * np.log(a)
-    return np.r_[0.0, np.cumsum(np.log1p(np.arange(counts.max(initial=0)) / a))][counts]
-
-
-def _log_density(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    if spec.family == "poisson":  # log y! = log_gamma_ratio(y, 1)
-        return y * eta - np.exp(eta) - log_gamma_ratio(y, 1.0)
-    if spec.family == "bernoulli":  # y eta - softplus(eta)
-        return y * eta - np.maximum(eta, 0.0) - np.log1p(np.exp(-np.abs(eta)))
-    # log Gamma(y + alpha) / (Gamma(alpha) y!) + alpha log(alpha / r) + y log(mu / r),
-    # r = mu + alpha, with the terms of order alpha log(alpha) cancelled by hand
-    return (log_gamma_ratio(y, alpha) - log_gamma_ratio(y, 1.0) + y * eta
-            - (alpha + y) * np.log1p(np.exp(eta) / alpha))  # fmt: skip
-
-
 def _scores(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float, free: bool):
     """Per observation, ``dl/deta`` (in ``eta``'s memory: fresh arrays at N=10^5 made the
     logistic scores 2.7 times slower) and, for a free dispersion, ``dl/dlog alpha``:
@@ -94,7 +65,7 @@ def _scores(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float, free: b
     ``alpha (y - mu) / r`` and ``alpha (psi(y + alpha) - psi(alpha) - log(r / alpha)
     + (mu - y) / r)``."""
     if spec.family in ("poisson", "bernoulli"):
-        mu = np.exp(eta, out=eta) if spec.family == "poisson" else expit(eta, out=eta)
+        mu = np.exp(eta, out=eta) if spec.family == "poisson" else expit_into(eta)
         return np.subtract(y, mu, out=mu), None
     mu = np.exp(eta, out=eta)
     r = mu + alpha
@@ -107,12 +78,6 @@ def _scores(spec: GlmSpec, eta: np.ndarray, y: np.ndarray, alpha: float, free: b
     return np.divide(d_eta, r, out=d_eta), d_t
 
 
-def _dispersion(spec: GlmSpec, u: np.ndarray, k: int) -> float | None:
-    if spec.log_alpha is not None:
-        return float(np.exp(u[spec.log_alpha[k]]))
-    return None if spec.alpha is None else float(spec.alpha[k])
-
-
 def observation_terms(specs: tuple[GlmSpec, ...], u: np.ndarray, gamma_t: np.ndarray, chunk,
                       value: bool = True) -> tuple[float, np.ndarray]:  # fmt: skip
     """``sum_i sum_k gamma_ik l(y_i | eta_ik)`` over ``chunk`` (0.0 without ``value``) and
@@ -122,10 +87,11 @@ def observation_terms(specs: tuple[GlmSpec, ...], u: np.ndarray, gamma_t: np.nda
         columns, y = covariates(spec, chunk), observed_values(spec, chunk)
         for k in range(spec.index.shape[0]):
             free = spec.log_alpha is not None
-            alpha = _dispersion(spec, u, k)
-            eta = _predictor(columns, u[spec.index[k]], chunk.n)
+            alpha = dispersion(spec, u, k)
+            eta = predictor_into(columns, u[spec.index[k]], np.empty(chunk.n))
             if value:
-                q += float(gamma_t[k] @ _log_density(spec, eta, y, alpha))
+                density = log_density_into(spec.family, eta.copy(), y, alpha, np.empty(chunk.n))
+                q += float(gamma_t[k] @ density)
             d_eta, d_t = _scores(spec, eta, y, alpha, free)
             r = np.multiply(d_eta, gamma_t[k], out=d_eta)
             np.add.at(grad, spec.index[k], [r.sum() if c is None else c @ r for c in columns])
