@@ -243,8 +243,8 @@ class _Shifted:
 
 def test_rows_that_differ_by_more_than_one_constant_per_component_stay_compiled():
     """``prepare`` swaps the rows only where compiled and written rows differ by one
-    constant per component (the label's term) on the data held: a term that varies by
-    observation, even by 1e-6, keeps the compiled rows."""
+    constant per component (the label's term) on the data held (a sample of it): a
+    term that varies by observation, even by 1e-6, keeps the compiled rows."""
     x, y = _data("poisson")
     functions, config = ppl_em.prepare(_model("poisson", x, y))
     compiled = functions._replace(rows=functions.rows.graph_rows)

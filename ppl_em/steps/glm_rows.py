@@ -12,11 +12,12 @@ written densities, so the label's term, a parameter check that fails
 (``-inf``) and anything else the graph adds once per row come from the graph. PyTensor's
 C evaluates ``softplus`` and ``gammaln`` as scalar calls (some 20 ns a value), NumPy
 its ``exp`` and ``log1p`` in SIMD loops: at N=10^5 the rows of a two-component logistic
-regression took 3.3 ms compiled against 0.7 ms here (benchmarks/README.md).
+regression took 3.3 ms compiled against 1.1 ms here (benchmarks/README.md).
 
 :func:`with_written_rows` swaps them in only after checking, on the data the functions
-hold, that compiled and written rows differ by one constant per component (so a
-label whose probabilities vary by observation keeps the compiled rows).
+hold (up to ``CHECKED`` observations spread over them), that compiled and written rows
+differ by one constant per component (so a label whose probabilities vary by
+observation keeps the compiled rows).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from ppl_em.steps.stats import DataChunk
 # binomial's cancellations included); a label term that varies by observation differs
 # by far more than this.
 AGREE = 1e-9
+# Observations the check reads: both sets of rows over all of N=10^7 would hold some
+# 1 GB at once for a check that a few thousand rows make as well.
+CHECKED = 4096
 
 
 def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
@@ -165,15 +169,19 @@ def with_written_rows(
 ) -> EMFunctions:
     """``functions`` with :class:`WrittenRows` for ``specs`` (where
     :func:`ppl_em.steps.glm_q.scores_cover` holds), if every covariate is a data column
-    and the written rows agree with the compiled ones at ``u``, near it (to break the
-    symmetry of a start) and on the data held; else ``functions`` unchanged."""
+    and the written rows agree with the compiled ones near ``u`` (a fixed perturbation
+    breaks the symmetry of a start) on up to ``CHECKED`` observations spread over the
+    data held; else ``functions`` unchanged."""
     if not specs or any(isinstance(c, np.ndarray) for s in specs for c in s.covariates):
         return functions
     rows = WrittenRows(functions.rows, specs, functions.graph.n_components)
     probe = u + 0.1 * np.random.default_rng(0).standard_normal(u.size)
+    n = functions.data[0].shape[0]
+    some = np.unique(np.linspace(0, n - 1, min(n, CHECKED)).astype(np.intp))
+    arrays = tuple(a[some] for a in functions.data)
     with functions.rows.lock, np.errstate(all="ignore"):
-        compiled = [np.array(r) for r in functions.rows(probe, *functions.data)]
-        written = [np.array(r) for r in rows(probe, *functions.data)]
+        compiled = [np.array(r) for r in functions.rows(probe, *arrays)]
+        written = [np.array(r) for r in rows(probe, *arrays)]
     if not _agree(compiled, written):
         return functions
     return functions._replace(rows=rows)
