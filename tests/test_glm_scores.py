@@ -50,6 +50,21 @@ def _with_a_normal_dependent(x, y) -> pm.Model:
     return model
 
 
+def _two_poisson_dependents(x, y) -> pm.Model:
+    """Two Poisson regressions sharing one label: the written terms add up per row."""
+    y2 = np.random.default_rng(5).poisson(np.exp(0.3 + 0.5 * x))
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        a = pm.Normal("a", 0.0, PRIOR_SD, shape=2)
+        b = pm.Normal("b", 0.0, PRIOR_SD, shape=2)
+        c = pm.Normal("c", 0.0, PRIOR_SD, shape=2)
+        d = pm.Normal("d", 0.0, PRIOR_SD, shape=2)
+        z = pm.Categorical("z", p=w, shape=x.size)
+        pm.Poisson("y", mu=pt.exp(a[z] + b[z] * x), observed=y)
+        pm.Poisson("v", mu=pt.exp(c[z] + d[z] * x), observed=y2)
+    return model
+
+
 MODELS = {
     "poisson label map": (lambda: _model("poisson", *_data("poisson")), "map"),
     "poisson batched mle": (lambda: _model("poisson", *_data("poisson"), form="batched"), "mle"),
@@ -58,6 +73,7 @@ MODELS = {
     "negative binomial shared": (lambda: _nb_model(*_nb_data(), "halfnormal_shared"), "map"),
     "negative binomial known mle": (lambda: _nb_model(*_nb_data(), "known"), "mle"),
     "stick-breaking weights": (lambda: _stick_breaking_poisson(*_data("poisson")), "map"),
+    "two poisson dependents": (lambda: _two_poisson_dependents(*_data("poisson")), "map"),
 }
 
 

@@ -16,8 +16,8 @@ regression took 3.3 ms compiled against 1.1 ms here (benchmarks/README.md).
 
 :func:`with_written_rows` swaps them in only after checking, on the data the functions
 hold (up to ``CHECKED`` observations spread over them), that compiled and written rows
-differ by one constant per component (so a label whose probabilities vary by
-observation keeps the compiled rows).
+differ by one constant per component: rows with any other term that varies by
+observation keep the compiled rows.
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ AGREE = 1e-9
 CHECKED = 4096
 
 
-def log_gamma_ratio(y: np.ndarray, a: float) -> np.ndarray:
-    """``gammaln(y + a) - gammaln(a) - y log(a)``: for counts ``sum_{j<y} log1p(j / a)``,
-    tabulated up to the largest count (as :func:`ppl_em.steps.glm.polygamma_differences`),
-    free of the cancellation of two terms of order ``y log(a)`` for a large ``a``."""
+def log_gamma_ratio(y: np.ndarray, a: float, less: float | None = None) -> np.ndarray:
+    """``g(y, a) = gammaln(y + a) - gammaln(a) - y log(a)``, or ``g(y, a) - g(y, less)``:
+    for counts ``sum_{j<y} log1p(j / a)`` (less ``log1p(j / less)``), tabulated up to the
+    largest count (as :func:`ppl_em.steps.glm.polygamma_differences`) with one lookup for
+    both, free of the cancellation of two terms of order ``y log(a)`` for a large ``a``."""
     counts = tabulable_counts(y)
     if counts is None:
-        return gammaln(y + a) - gammaln(a) - y * np.log(a)
-    return np.r_[0.0, np.cumsum(np.log1p(np.arange(counts.max(initial=0)) / a))][counts]
+        ratio = lambda b: gammaln(y + b) - gammaln(b) - y * np.log(b)  # noqa: E731
+        return ratio(a) if less is None else ratio(a) - ratio(less)
+    j = np.arange(counts.max(initial=0))
+    terms = np.log1p(j / a) if less is None else np.log1p(j / a) - np.log1p(j / less)
+    return np.r_[0.0, np.cumsum(terms)][counts]
 
 
 def log_density_into(family: str, eta: np.ndarray, y: np.ndarray, alpha: float | None,
@@ -77,8 +81,7 @@ def log_density_into(family: str, eta: np.ndarray, y: np.ndarray, alpha: float |
         return out
     # log Gamma(y + alpha) / (Gamma(alpha) y!) + alpha log(alpha / r) + y log(mu / r),
     # r = mu + alpha, with the terms of order alpha log(alpha) cancelled by hand
-    out += log_gamma_ratio(y, alpha)
-    out -= log_gamma_ratio(y, 1.0)
+    out += log_gamma_ratio(y, alpha, less=1.0)
     tail = np.log1p(np.divide(np.exp(eta, out=eta), alpha, out=eta), out=eta)
     out -= tail * (y + alpha)
     return out
