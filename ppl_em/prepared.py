@@ -19,6 +19,7 @@ from ppl_em.model.recognise import build_plan
 from ppl_em.options import MSTEPS
 from ppl_em.steps.glm_rows import with_written_rows
 from ppl_em.steps.mstep import MStepConfig, make_mstep_config, with_reg_covar
+from ppl_em.steps.mvn_rows import with_written_mvn_rows
 
 
 class PreparedEM(NamedTuple):
@@ -54,6 +55,9 @@ def prepare(
     config = make_mstep_config(functions, plan, mstep)
     if config.written_q:  # the E-step's rows written out too (ppl_em.steps.glm_rows)
         functions = with_written_rows(functions, config.glm, initial_u(functions))
+    if config.mvn and backend != "python":  # MvNormal rows in numba (steps/mvn_rows.py)
+        functions = with_written_mvn_rows(functions, config.mvn, config.plan.mvn,
+                                          initial_u(functions))  # fmt: skip
     return PreparedEM(functions, config)
 
 

@@ -27,6 +27,7 @@ from ppl_em.em import apply_start, default_start, em_init
 from ppl_em.model import joint_rows
 from ppl_em.steps import e_step, joint, whole_data
 from ppl_em.steps.glm_rows import WrittenRows
+from ppl_em.steps.mvn_rows import WrittenMvnRows
 from tests.conftest import numpy_ops
 from tests.test_glm import _data, _model
 from tests.test_mvnormal import _chol_from_flat, blobs, flat_cholesky_mixture, gaussian_2d_label
@@ -44,9 +45,10 @@ def _solves(outputs) -> list:
 
 def _compiled(functions):
     """``functions`` with the rows compiled from the graph, where ``prepare`` swapped in
-    written ones (a regression mixture: ``ppl_em.steps.glm_rows``)."""
+    written ones (``ppl_em.steps.glm_rows``, ``ppl_em.steps.mvn_rows``)."""
     rows = functions.rows
-    return functions._replace(rows=rows.graph_rows if isinstance(rows, WrittenRows) else rows)
+    written = isinstance(rows, WrittenRows | WrittenMvnRows)
+    return functions._replace(rows=rows.graph_rows if written else rows)
 
 
 def _rows_graph(functions):
@@ -87,7 +89,9 @@ def test_mixture_joint_equals_scipy_after_rewrite():
         [np.log(w[j]) + stats.multivariate_normal(mu[j], chol[j] @ chol[j].T).logpdf(x)
          for j in range(k)], axis=1,
     )  # fmt: skip
+    assert isinstance(functions.rows, WrittenMvnRows)
     np.testing.assert_allclose(joint(functions, u), expected, rtol=1e-12)
+    np.testing.assert_allclose(joint(_compiled(functions), u), expected, rtol=1e-12)
     # the compiled joint has only the D x D inversions left (identity right-hand side)
     _, outputs, _ = _rows_graph(functions)
     for node in _solves(outputs):

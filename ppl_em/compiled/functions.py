@@ -32,7 +32,7 @@ from ppl_em.compiled.numpy_ops import numpy_mode
 from ppl_em.compiled.rewrites import checks_as_flags, logistic_as_softplus, solves_as_products
 from ppl_em.model.data import DataSpec, data_arrays, data_spec
 from ppl_em.model.graph import MixtureGraph
-from ppl_em.model.joint import fixed_terms, joint_rows
+from ppl_em.model.joint import fixed_terms, joint_rows, shared_label_terms
 from ppl_em.options import BACKENDS, MODES
 
 
@@ -56,6 +56,8 @@ class EMFunctions(NamedTuple):
     - ``blas``: the process's BLAS thread pools, which the E-step limits to one thread.
     - ``weights``, ``labels``: a weight per observation (it counts that many times) and
       the known labels (-1 where unknown), or None; one per label (``graph.n_obs``).
+    - ``label_terms(u) -> [log p(z = k) for k]`` where the label's probabilities are
+      shared by all observations, else None.
     """
 
     graph: MixtureGraph
@@ -74,6 +76,7 @@ class EMFunctions(NamedTuple):
     blas: ThreadpoolController
     weights: np.ndarray | None = None
     labels: np.ndarray | None = None
+    label_terms: Callable | None = None
 
     @property
     def data_names(self) -> tuple[str, ...]:
@@ -371,6 +374,11 @@ def build_em_functions(
     q_graph = DeferredGraph(partial(_q_graph, rows, extra, logprior, mode, flat, k, q_data))
     constrained, param_inputs, forward = transform_graphs(graph, replace)
     data, fixed_data = data_arrays(spec)
+    shared = shared_label_terms(graph)
+    if shared is not None:
+        shared = LazyFunction(
+            [flat], pt.cast(graph_replace(shared, replace, strict=False), "float64"), tiny
+        )
     return EMFunctions(
         graph=graph,
         mode=mode,
@@ -396,6 +404,7 @@ def build_em_functions(
         compiled_rows=rows_backend != "python",
         # Created here, after NumPy's and SciPy's BLAS libraries are loaded.
         blas=ThreadpoolController(),
+        label_terms=shared,
     )
 
 

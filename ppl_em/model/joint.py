@@ -98,6 +98,21 @@ def _shared_label_term(graph: MixtureGraph, j: int) -> TensorVariable | None:
     return term[0] if term.type.shape == (1,) else None
 
 
+def shared_label_terms(graph: MixtureGraph) -> TensorVariable | None:
+    """The K terms ``log p(z = k)`` as a vector of the value variables, where the
+    label's probabilities are shared by all observations (the rows' term that does not
+    depend on the observation), else None."""
+    k = graph.n_components
+    if graph.kind == "label":
+        terms = [_shared_label_term(graph, j) for j in range(k)]
+        return None if any(t is None for t in terms) else pt.stack(terms)
+    (mix,) = graph.dependents
+    weights = graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
+    if weights.type.shape != (k,):
+        return None
+    return pt.log(weights)
+
+
 def _label_term(graph: MixtureGraph, data: DataSpec, j: int) -> TensorVariable:
     shared = _shared_label_term(graph, j)
     if shared is not None:

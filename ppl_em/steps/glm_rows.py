@@ -152,8 +152,9 @@ class WrittenRows:
             return list(out)
 
 
-def _agree(compiled: list, written: list) -> bool:
-    """Whether the two sets of rows differ by one constant per component."""
+def _agree(compiled: list, written: list, shifted: bool = True) -> bool:
+    """Whether the two sets of rows differ by one constant per component (by nothing,
+    to rounding, with ``shifted=False``)."""
     for a, b in zip(compiled, written, strict=True):
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
         if not np.array_equal(np.isneginf(a), np.isneginf(b)):
@@ -162,9 +163,31 @@ def _agree(compiled: list, written: list) -> bool:
         if not np.all(np.isfinite(b[ok])):
             return False
         diff = a[ok] - b[ok]
-        if diff.size and np.max(np.abs(diff - diff[0])) > AGREE * (1.0 + np.max(np.abs(a[ok]))):
+        if not diff.size:
+            continue
+        spread = np.abs(diff - diff[0]) if shifted else np.abs(diff)
+        if np.max(spread) > AGREE * (1.0 + np.max(np.abs(a[ok]))):
             return False
     return True
+
+
+def probe_point(u: np.ndarray) -> np.ndarray:
+    """``u`` moved by a fixed perturbation, which breaks the symmetry of a start."""
+    return u + 0.1 * np.random.default_rng(0).standard_normal(u.size)
+
+
+def agrees_on_sample(functions: EMFunctions, rows, probe: np.ndarray,
+                     shifted: bool = True) -> bool:  # fmt: skip
+    """Whether ``rows`` and ``functions.rows`` at ``probe`` differ by one constant per
+    component (by nothing, to rounding, with ``shifted=False``) on up to ``CHECKED``
+    observations spread over the data ``functions`` hold."""
+    n = functions.data[0].shape[0]
+    some = np.unique(np.linspace(0, n - 1, min(n, CHECKED)).astype(np.intp))
+    arrays = tuple(a[some] for a in functions.data)
+    with functions.rows.lock, np.errstate(all="ignore"):
+        compiled = [np.array(r) for r in functions.rows(probe, *arrays)]
+        written = [np.array(r) for r in rows(probe, *arrays)]
+    return _agree(compiled, written, shifted)
 
 
 def with_written_rows(
@@ -178,13 +201,6 @@ def with_written_rows(
     if not specs or any(isinstance(c, np.ndarray) for s in specs for c in s.covariates):
         return functions
     rows = WrittenRows(functions.rows, specs, functions.graph.n_components)
-    probe = u + 0.1 * np.random.default_rng(0).standard_normal(u.size)
-    n = functions.data[0].shape[0]
-    some = np.unique(np.linspace(0, n - 1, min(n, CHECKED)).astype(np.intp))
-    arrays = tuple(a[some] for a in functions.data)
-    with functions.rows.lock, np.errstate(all="ignore"):
-        compiled = [np.array(r) for r in functions.rows(probe, *arrays)]
-        written = [np.array(r) for r in rows(probe, *arrays)]
-    if not _agree(compiled, written):
+    if not agrees_on_sample(functions, rows, probe_point(u)):
         return functions
     return functions._replace(rows=rows)

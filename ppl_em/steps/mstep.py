@@ -121,11 +121,12 @@ def restarted(config: MStepConfig) -> MStepConfig:
     return config._replace(statistics=tuple(sq.restarted() for sq in config.statistics))
 
 
-def _set_closed(functions: EMFunctions, config: MStepConfig, u, values: dict) -> np.ndarray:
-    """``u`` with the closed-form variables set to the constrained ``values``."""
+def _set_closed(functions: EMFunctions, config: MStepConfig, u, current: dict,
+                values: dict) -> np.ndarray:  # fmt: skip
+    """``u`` with the closed-form variables set to the constrained ``values``;
+    ``current`` holds every variable's constrained value at ``u``."""
     layout = functions.layout
-    current = dict(zip(layout.rv_names, functions.constrain(u), strict=True))
-    current.update(values)
+    current = {**current, **values}
     forward = functions.unconstrain(u, *(current[n] for n in layout.rv_names))
     u = u.copy()
     for name, sl, value in zip(layout.rv_names, layout.slices, forward, strict=True):
@@ -186,7 +187,7 @@ def closed_step(functions, config: MStepConfig, u: np.ndarray, ex: Expectations)
     if plan.blocks:
         current = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))
         new = closed_form_update(plan, ex.stats, ex.request, current, functions.mode, ex.batches)
-        u = _set_closed(functions, config, u, new)
+        u = _set_closed(functions, config, u, current, new)
     u = _statistics_blocks(functions, config, u, ex)
     return _mvn_blocks(functions, config, u, ex)
 
