@@ -104,7 +104,7 @@ class WrittenMvnRows:
         constant (the module docstring); None where the written rows do not apply."""
         k, d = self.k, self.d
         factor = self.update.factor
-        raw = (factor or self.update).params(u)
+        raw = (self.update if factor is None else factor).params(u)
         if raw.shape != (k * d * (d + 1),):
             return None  # one covariance for all components (tied)
         mu, second = raw[: k * d].reshape(k, d), raw[k * d :].reshape(k, d, d)
@@ -115,7 +115,9 @@ class WrittenMvnRows:
         diag = np.diagonal(chol, axis1=1, axis2=2)
         if not (np.array_equal(chol, second) or factor is None) or not np.all(diag > 0):
             return None
-        p = np.linalg.inv(chol)
+        # LAPACK's inverse may pivot and leave round-off above the diagonal, which the
+        # loop never reads: b must not read it either.
+        p = np.tril(np.linalg.inv(chol))
         if not (np.all(np.isfinite(p)) and np.all(np.isfinite(mu))):
             return None
         label = np.asarray(self.label_terms(u), dtype=float).reshape(k)
@@ -141,9 +143,8 @@ def with_written_mvn_rows(
     """``functions`` with :class:`WrittenMvnRows` where the model's one observed
     dependent is the one MvNormal block of ``specs`` (no missing coordinates), the
     label's probabilities are shared, and the written rows equal the compiled ones near
-    ``u`` (a fixed perturbation breaks
-    the symmetry of a start) on up to ``glm_rows.CHECKED`` observations spread over the data
-    held; else ``functions`` unchanged."""
+    ``u`` (:func:`ppl_em.steps.glm_rows.agrees_on_sample`, with no constant allowed
+    between them); else ``functions`` unchanged."""
     names, x_name = functions.spec.names, specs[0].data_name if len(specs) == 1 else None
     if x_name not in names or specs[0].missing or functions.label_terms is None:
         return functions
