@@ -12,7 +12,6 @@ from scipy.linalg import solve_triangular
 from scipy.stats import multivariate_normal
 
 import ppl_em
-from ppl_em.em import default_start
 from ppl_em.prepared import PreparedEM
 from ppl_em.steps.estep import e_step, joint, split, whole_data
 from ppl_em.steps.mvn_rows import (
@@ -21,7 +20,7 @@ from ppl_em.steps.mvn_rows import (
     quadratic_rows,
     with_written_mvn_rows,
 )
-from tests.test_glm_scores import _Shifted
+from tests.test_glm_scores import _off_optimum, _Shifted
 from tests.test_mvnormal import (
     _chol_from_flat,
     blobs,
@@ -74,11 +73,6 @@ def prepared():
         return cache[name]
 
     return get
-
-
-def _off_optimum(functions, config, seed: int = 2) -> np.ndarray:
-    u = default_start(functions, config, None)
-    return u + np.random.default_rng(seed).normal(0, 0.1, u.size)
 
 
 def _graph_joint(functions, arrays, u) -> np.ndarray:

@@ -106,11 +106,14 @@ def shared_label_terms(graph: MixtureGraph) -> TensorVariable | None:
     if graph.kind == "label":
         terms = [_shared_label_term(graph, j) for j in range(k)]
         return None if any(t is None for t in terms) else pt.stack(terms)
+    weights = _mixture_weights(graph)
+    return pt.log(weights) if weights.type.shape == (k,) else None
+
+
+def _mixture_weights(graph: MixtureGraph) -> TensorVariable:
+    """A ``pm.Mixture``'s weights as a graph of the value variables."""
     (mix,) = graph.dependents
-    weights = graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
-    if weights.type.shape != (k,):
-        return None
-    return pt.log(weights)
+    return graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
 
 
 def _label_term(graph: MixtureGraph, data: DataSpec, j: int) -> TensorVariable:
@@ -187,8 +190,7 @@ def mixture_rows(graph: MixtureGraph, data: DataSpec) -> list[TensorVariable]:
     k = graph.n_components
     if len(components) == 1:
         components = _split_component(components[0], k) or components
-    weights = graph.model.replace_rvs_by_values([mix.owner.inputs[1]])[0]
-    log_w = pt.log(graph_replace(weights, data.replace, strict=False))
+    log_w = pt.log(graph_replace(_mixture_weights(graph), data.replace, strict=False))
     observed = data.mask_input(mix.name)
     if len(components) == k:
         rows = [log_w[..., j] + _component_logp(data, c, value, observed=observed)

@@ -17,6 +17,13 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def halves(n: int, block: int, workers: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: ``0:n`` in two block-aligned halves with two workers (one
+    span when ``n`` is too short for two blocks), else one span."""
+    cut = (n // 2 // block) * block if workers >= 2 else n
+    return [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
+
+
 def run_split(work: Callable[[int], T], count: int) -> list[T]:
     """``[work(0), ..., work(count - 1)]``, the first in this thread and each other in a
     thread of its own (the passes release the GIL); an error in any is re-raised here."""

@@ -14,10 +14,10 @@ C evaluates ``softplus`` and ``gammaln`` as scalar calls (some 20 ns a value), N
 its ``exp`` and ``log1p`` in SIMD loops: at N=10^5 the rows of a two-component logistic
 regression took 3.3 ms compiled against 1.1 ms here (benchmarks/README.md).
 
-:func:`with_written_rows` swaps them in only after checking, on the data the functions
-hold (up to ``CHECKED`` observations spread over them), that compiled and written rows
-differ by one constant per component: rows with any other term that varies by
-observation keep the compiled rows.
+:func:`with_written_rows` swaps them in only after checking
+(:func:`ppl_em.steps.row_check.agrees_on_sample`), on a sample of the data the functions
+hold, that compiled and written rows differ by one constant per component: rows with
+any other term that varies by observation keep the compiled rows.
 """
 
 from __future__ import annotations
@@ -35,15 +35,8 @@ from ppl_em.steps.glm import (
     predictor_into,
     tabulable_counts,
 )
+from ppl_em.steps.row_check import agrees_on_sample, probe_point
 from ppl_em.steps.stats import DataChunk
-
-# Written and compiled rows agree to rounding (some 1e-13 relative, the negative
-# binomial's cancellations included); a label term that varies by observation differs
-# by far more than this.
-AGREE = 1e-9
-# Observations the check reads: both sets of rows over all of N=10^7 would hold some
-# 1 GB at once for a check that a few thousand rows make as well.
-CHECKED = 4096
 
 
 def log_gamma_ratio(y: np.ndarray, a: float, less: float | None = None) -> np.ndarray:
@@ -152,51 +145,13 @@ class WrittenRows:
             return list(out)
 
 
-def _agree(compiled: list, written: list, shifted: bool = True) -> bool:
-    """Whether the two sets of rows differ by one constant per component (by nothing,
-    to rounding, with ``shifted=False``)."""
-    for a, b in zip(compiled, written, strict=True):
-        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-        if not np.array_equal(np.isneginf(a), np.isneginf(b)):
-            return False
-        ok = np.isfinite(a)
-        if not np.all(np.isfinite(b[ok])):
-            return False
-        diff = a[ok] - b[ok]
-        if not diff.size:
-            continue
-        spread = np.abs(diff - diff[0]) if shifted else np.abs(diff)
-        if np.max(spread) > AGREE * (1.0 + np.max(np.abs(a[ok]))):
-            return False
-    return True
-
-
-def probe_point(u: np.ndarray) -> np.ndarray:
-    """``u`` moved by a fixed perturbation, which breaks the symmetry of a start."""
-    return u + 0.1 * np.random.default_rng(0).standard_normal(u.size)
-
-
-def agrees_on_sample(functions: EMFunctions, rows, probe: np.ndarray,
-                     shifted: bool = True) -> bool:  # fmt: skip
-    """Whether ``rows`` and ``functions.rows`` at ``probe`` differ by one constant per
-    component (by nothing, to rounding, with ``shifted=False``) on up to ``CHECKED``
-    observations spread over the data ``functions`` hold."""
-    n = functions.data[0].shape[0]
-    some = np.unique(np.linspace(0, n - 1, min(n, CHECKED)).astype(np.intp))
-    arrays = tuple(a[some] for a in functions.data)
-    with functions.rows.lock, np.errstate(all="ignore"):
-        compiled = [np.array(r) for r in functions.rows(probe, *arrays)]
-        written = [np.array(r) for r in rows(probe, *arrays)]
-    return _agree(compiled, written, shifted)
-
-
 def with_written_rows(
     functions: EMFunctions, specs: tuple[GlmSpec, ...], u: np.ndarray
 ) -> EMFunctions:
     """``functions`` with :class:`WrittenRows` for ``specs`` (where
     :func:`ppl_em.steps.glm_q.scores_cover` holds), if every covariate is a data column
     and the written rows agree with the compiled ones near ``u`` (a fixed perturbation
-    breaks the symmetry of a start) on up to ``CHECKED`` observations spread over the
+    breaks the symmetry of a start) on up to ``row_check.CHECKED`` observations spread over the
     data held; else ``functions`` unchanged."""
     if not specs or any(isinstance(c, np.ndarray) for s in specs for c in s.covariates):
         return functions

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ppl_em.steps.cores import run_split, usable_cores
+from ppl_em.steps.cores import halves, run_split, usable_cores
 
 # reassoc lets LLVM vectorise the sums; no nnan/ninf: -inf is a legitimate joint value
 # and NaN marks a row no component explains, which the caller reports.
@@ -276,8 +276,7 @@ def compiled_fused_estep(
     # Block-aligned halves, one partial result each, summed in a fixed order.
     if workers is None:
         workers = 2 if n >= PARALLEL_MIN and usable_cores() >= 2 else 1
-    cut = (n // 2 // BLOCK) * BLOCK if workers >= 2 else n
-    spans = [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
+    spans = halves(n, BLOCK, workers)
     parts = [(np.zeros(k_total), np.zeros((columns.shape[0], k_total))) for _ in spans]
     wts = np.zeros(0) if weights is None else np.require(weights, np.float64, "C").reshape(n)
     logliks = run_split(lambda j: _run(rows, out, columns, wts, *spans[j], *parts[j]), len(spans))

@@ -12,11 +12,11 @@ compiled parameter map (:class:`ppl_em.steps.mvn_solve.MvnUpdate`, 12-19 us a ca
 and ``log p(z = k)`` from the model's graph (``EMFunctions.label_terms``, 8 us in C,
 54 us on NumPy-backed Ops). The quadratic forms are one numba loop over blocks of
 observations, vectorised along the block: at D=4, K=3, N=10^4 the rows compiled from
-the graph took 0.26-0.60 ms (C or NumPy-backed Ops), this loop some 55 us
+the graph took 0.26-0.60 ms (C or NumPy-backed Ops), this loop some 70 us
 (benchmarks/README.md).
 
 :func:`with_written_mvn_rows` swaps them in only after checking, on up to
-:data:`ppl_em.steps.glm_rows.CHECKED` observations spread over the data held, that
+:data:`ppl_em.steps.row_check.CHECKED` observations spread over the data held, that
 they equal the compiled rows to rounding. A call where the map's covariance is not
 positive definite, or its factor not lower triangular with a positive diagonal, is the
 compiled rows' (PyMC's checks decide there).
@@ -30,9 +30,9 @@ import numpy as np
 from numba import njit
 
 from ppl_em.compiled.functions import EMFunctions
-from ppl_em.steps.cores import run_split, usable_cores
-from ppl_em.steps.glm_rows import agrees_on_sample, probe_point
+from ppl_em.steps.cores import halves, run_split, usable_cores
 from ppl_em.steps.mvn_solve import MvnUpdate
+from ppl_em.steps.row_check import agrees_on_sample, probe_point
 
 # Observations per block: the block's D x BLOCK transpose and one row of scratch stay
 # in L1/L2, and the loops along the block vectorise.
@@ -46,8 +46,8 @@ def _quadratic_block(x, p, b, c, out, a, n, xt, t, acc):  # pragma: no cover - n
     """Rows ``a:a+n``: ``out[k, i] = c[k] - ||p[k] x[i] - b[k]||^2 / 2``, ``p[k]`` lower
     triangular."""
     k_total, d = p.shape[0], p.shape[1]
-    for i in range(n):
-        for q in range(d):
+    for q in range(d):
+        for i in range(n):
             xt[q, i] = x[a + i, q]
     for k in range(k_total):
         for i in range(n):
@@ -80,8 +80,7 @@ def quadratic_rows(x: np.ndarray, p: np.ndarray, b: np.ndarray, c: np.ndarray,
     block-aligned halves on two threads from ``PARALLEL_MIN`` observations."""
     n = x.shape[0]
     x = np.require(x, dtype=np.float64, requirements="C")
-    cut = (n // 2 // BLOCK) * BLOCK if n >= PARALLEL_MIN and usable_cores() >= 2 else n
-    spans = [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
+    spans = halves(n, BLOCK, 2 if n >= PARALLEL_MIN and usable_cores() >= 2 else 1)
     run_split(lambda j: _quadratic_rows(x, p, b, c, out, *spans[j]), len(spans))
     return out
 
@@ -107,13 +106,16 @@ class WrittenMvnRows:
         raw = (self.update if factor is None else factor).params(u)
         if raw.shape != (k * d * (d + 1),):
             return None  # one covariance for all components (tied)
-        mu, second = raw[: k * d].reshape(k, d), raw[k * d :].reshape(k, d, d)
-        try:
-            chol = np.tril(second) if factor is not None else np.linalg.cholesky(second)
-        except np.linalg.LinAlgError:
-            return None
+        mu, chol = raw[: k * d].reshape(k, d), raw[k * d :].reshape(k, d, d)
+        if factor is None:
+            try:
+                chol = np.linalg.cholesky(chol)
+            except np.linalg.LinAlgError:
+                return None
+        elif np.any(np.triu(chol, 1)):
+            return None  # not lower triangular: not Sigma's Cholesky factor
         diag = np.diagonal(chol, axis1=1, axis2=2)
-        if not (np.array_equal(chol, second) or factor is None) or not np.all(diag > 0):
+        if not np.all(diag > 0):
             return None
         # LAPACK's inverse may pivot and leave round-off above the diagonal, which the
         # loop never reads: b must not read it either.
@@ -143,7 +145,7 @@ def with_written_mvn_rows(
     """``functions`` with :class:`WrittenMvnRows` where the model's one observed
     dependent is the one MvNormal block of ``specs`` (no missing coordinates), the
     label's probabilities are shared, and the written rows equal the compiled ones near
-    ``u`` (:func:`ppl_em.steps.glm_rows.agrees_on_sample`, with no constant allowed
+    ``u`` (:func:`ppl_em.steps.row_check.agrees_on_sample`, with no constant allowed
     between them); else ``functions`` unchanged."""
     names, x_name = functions.spec.names, specs[0].data_name if len(specs) == 1 else None
     if x_name not in names or specs[0].missing or functions.label_terms is None:
