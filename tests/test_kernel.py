@@ -82,7 +82,7 @@ def _joint(rng, n: int, k: int) -> np.ndarray:
     return joint
 
 
-# numba compiles once per K (a tuple of K rows), 4-6 s each on a cold cache
+# A K x N joint is read as one array: one numba type for every K
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("m", [0, 1, 5])
 def test_pass_equals_numpy_pass_and_scipy(k, m):
@@ -119,6 +119,42 @@ def test_rows_input_leaves_rows_alone_and_equals_matrix_input():
     np.testing.assert_array_equal(from_rows[3], from_matrix[3])
     with pytest.raises(ValueError, match="different lengths"):
         kernel.compiled_fused_estep([rows[0], rows[1][:-1]])
+
+
+def _array_signatures() -> int:
+    """How many of the kernel's compiled types take the rows as one 2-D array."""
+    return sum(getattr(sig[0], "ndim", 0) == 2 for sig in kernel._run.signatures)
+
+
+def test_rows_of_one_buffer_are_read_as_that_array_for_every_k():
+    """Rows written into one K x N buffer (``steps/mvn_rows.py`` returns ``list(buffer)``)
+    reach numba as that array, one compiled type for every K (a tuple of K rows is one
+    per K), and stay unchanged: the log-responsibilities go to a new array. The values
+    are the tuple's bit for bit and SciPy's to rounding."""
+    rng = np.random.default_rng(11)
+    for k in (3, 2, 5):
+        buf = _joint(rng, kernel.BLOCK + 9, k)
+        before, cols = buf.copy(), rng.normal(size=(2, buf.shape[1]))
+        assert kernel._as_rows(list(buf), True)[0] is buf
+        log_resp, loglik, nk, s = kernel.compiled_fused_estep(list(buf), cols)
+        np.testing.assert_array_equal(buf, before)
+        assert not np.shares_memory(log_resp, buf)
+        lse = logsumexp(buf, axis=0)
+        np.testing.assert_allclose(log_resp, (buf - lse).T, rtol=1e-13, atol=1e-13)
+        assert loglik == pytest.approx(lse.sum(), rel=1e-13)
+        gamma = np.exp(buf - lse)
+        np.testing.assert_allclose(nk, gamma.sum(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(s, cols @ gamma.T, rtol=1e-11, atol=1e-11)
+        if k == 3:  # the tuple's type for K=3 is compiled by this file's other tests
+            tupled = kernel.compiled_fused_estep([r.copy() for r in buf], cols)
+            np.testing.assert_array_equal(log_resp, tupled[0])
+            assert loglik == tupled[1]
+            np.testing.assert_array_equal(nk, tupled[2])
+            np.testing.assert_array_equal(s, tupled[3])
+    assert _array_signatures() == 1
+    # Rows of a buffer out of order, or of two buffers, are not one array's rows.
+    assert isinstance(kernel._as_rows(list(buf[::-1]), True)[0], tuple)
+    assert isinstance(kernel._as_rows([*buf[:2], buf[2].copy()], True)[0], tuple)
 
 
 @pytest.mark.parametrize("n", [5, 64, kernel.BLOCK + 65, 3 * kernel.BLOCK])

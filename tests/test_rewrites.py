@@ -143,18 +143,20 @@ def _blas_threads(functions) -> list[int]:
 def test_estep_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     x = blobs(300, 2, 2)
     seen = []
-    real = estep_module.fused_estep
 
-    def spy(*args, **kwargs):
-        seen.append(_blas_threads(functions))
-        return real(*args, **kwargs)
+    def spy(real):
+        def run(*args, **kwargs):
+            seen.append(_blas_threads(functions))
+            return real(*args, **kwargs)
 
-    # The E-step picks its pass when it runs (the NumPy pass for NumPy-backed rows);
-    # both E-step entry points (the EM loop's em_init and e_step) must call it with one
-    # BLAS thread.
-    monkeypatch.setattr(estep_module, "fused_estep", spy)
+        return run
+
+    # The E-step picks its pass when it runs (the numba kernel over these rows, which
+    # are written out, the NumPy pass over NumPy-backed ones); both E-step entry points
+    # (the EM loop's em_init and e_step) must call it with one BLAS thread.
+    for name in ("fused_estep", "compiled_fused_estep"):
+        monkeypatch.setattr(estep_module, name, spy(getattr(estep_module, name)))
     functions, config = ppl_em.prepare(flat_cholesky_mixture(x, 2), mode="mle")
-    assert not functions.compiled_rows  # so the pass e_step runs is the spied one
     u = default_start(functions, config, None)
     # two threads outside, whatever this machine's default, so the check can fail
     with functions.blas.limit(limits=2, user_api="blas"):

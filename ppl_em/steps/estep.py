@@ -55,7 +55,10 @@ def split(functions: EMFunctions, size: int, request: StatsRequest | None = None
 
 
 def _pass(functions: EMFunctions):
-    return compiled_fused_estep if functions.compiled_rows else fused_estep
+    """The numba kernel for compiled rows and for rows written in numba (which say so:
+    ``kernel_pass``), the NumPy pass for rows on NumPy-backed Ops."""
+    written = getattr(functions.rows, "kernel_pass", False)
+    return compiled_fused_estep if functions.compiled_rows or written else fused_estep
 
 
 def _nonfinite_message(functions: EMFunctions, chunk: DataChunk, log_resp) -> str:
@@ -99,12 +102,12 @@ def _labelled(rows: list, labels: np.ndarray | None) -> list:
     if labels is None:
         return rows
     known = labels >= 0
-    out = []
-    for k, row in enumerate(rows):
-        row = np.array(row, dtype=np.float64)  # the compiled function's buffer stays whole
+    # A copy (the compiled function's buffers stay whole), one K x n array: the kernel
+    # reads it with one numba type for every K.
+    out = np.array(rows, dtype=np.float64)
+    for k, row in enumerate(out):
         row[known & (labels != k)] = -np.inf
-        out.append(row)
-    return out
+    return list(out)
 
 
 def joint(functions: EMFunctions, u: np.ndarray, chunk: DataChunk | None = None) -> np.ndarray:

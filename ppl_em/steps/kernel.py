@@ -235,17 +235,37 @@ def _run(rows, out, cols, wts, start, stop, nk, s):
     return loglik
 
 
-def _as_rows(joint, keep: bool) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """The K rows as a tuple of contiguous float64 vectors (one numba type per K), and
-    the K x N array the log-responsibilities go to: the joint itself when it is one
-    writable K x N array, else a new one, or K x 0 when they are not kept."""
+def _one_array(rows) -> np.ndarray | None:
+    """The C-contiguous float64 K x N array whose consecutive rows ``rows`` are (the
+    buffer of rows written out, :mod:`ppl_em.steps.mvn_rows`), else None."""
+    base = getattr(rows[0], "base", None) if len(rows) else None
+    if not (isinstance(base, np.ndarray) and base.ndim == 2 and base.shape[0] == len(rows)):
+        return None
+    if base.dtype != np.float64 or not base.flags.c_contiguous:
+        return None
+    start, step = base.__array_interface__["data"][0], base.strides[0]
+    for k, row in enumerate(rows):
+        if not (isinstance(row, np.ndarray) and row.base is base and row.shape == base.shape[1:]):
+            return None
+        if row.__array_interface__["data"][0] != start + k * step:
+            return None
+    return base
+
+
+def _as_rows(joint, keep: bool) -> tuple[np.ndarray | tuple[np.ndarray, ...], np.ndarray]:
+    """The K rows as one K x N array where they are one (a numba type for every K), else
+    as a tuple of contiguous float64 vectors (a numba type per K: 5 s to compile cold,
+    benchmarks/README.md), and the K x N array the log-responsibilities go to: the joint
+    itself when it is one writable K x N array, else a new one (rows passed one by one
+    are read only), or K x 0 when they are not kept."""
     if isinstance(joint, np.ndarray) and joint.ndim == 2:
-        joint = np.require(joint, dtype=np.float64, requirements=("C", "W"))
-        rows = tuple(joint)
+        rows = joint = np.require(joint, dtype=np.float64, requirements=("C", "W"))
     else:
-        rows = tuple(np.ascontiguousarray(r, dtype=np.float64).reshape(-1) for r in joint)
-    if len({r.shape for r in rows}) != 1:
-        raise ValueError(f"joint rows have different lengths {[r.size for r in rows]}.")
+        rows = _one_array(joint)
+        if rows is None:
+            rows = tuple(np.ascontiguousarray(r, dtype=np.float64).reshape(-1) for r in joint)
+            if len({r.shape for r in rows}) != 1:
+                raise ValueError(f"joint rows have different lengths {[r.size for r in rows]}.")
     k_total, n = len(rows), rows[0].size
     if not keep:
         return rows, np.empty((0, n))
