@@ -189,9 +189,11 @@ def full_cov_rows(ns: list[int], d: int = 4, k: int = 3, backend: str = "auto") 
         prepared = ppl_em.prepare(_mvn_model(x, k), mode="mle", backend=backend)
         u0 = _u0(prepared, start)
         ppl_per_iter(prepared, u0, 2)  # compile and warm up
-        t_ppl = ppl_per_iter(prepared, u0, 3 if n >= 10**6 else 7)
+        # Up to 10^5, both over 30 iterations from the start: over 7, the medians of
+        # one code varied 1.1-2.1 ms at N=10^4 from run to run (benchmarks/README.md).
+        t_ppl = ppl_per_iter(prepared, u0, 3 if n >= 10**6 else 30)
         sk_start = {"w": start["w"], "mu": start["mu"], "cov": np.tile(np.eye(d) * 2.25, (k, 1, 1))}
-        t_sk = sklearn_per_iter(x, sk_start, 2 if n >= 10**6 else 5)
+        t_sk = sklearn_per_iter(x, sk_start, 2 if n >= 10**6 else 30)
         rows.append([n, k, d, backend, t_ppl * 1e3, t_sk * 1e3, t_sk / t_ppl])
     return rows
 
