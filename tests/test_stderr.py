@@ -334,5 +334,5 @@ def test_louis_information_where_a_variable_moves_a_row_only_with_another():
     assert abs(hessian[1, 2]) > 0.1 * unit[1, 2]  # the pair matters
     observed = louis_information(functions, u).observed
     # The reference's steps in a (3e-5 at a = 0) leave it about 1e-7 from exact here;
-    # leaving the pair out would miss the whole cross term (0.17 of the unit).
+    # leaving the pair out misses its complete-data cross term, 0.069 of the unit.
     np.testing.assert_allclose(observed / unit, -hessian / unit, rtol=0, atol=1e-6)

@@ -191,6 +191,13 @@ def _moved_at_generic_point(ev: _Evaluator, base: _Base, units) -> np.ndarray:
     return moved
 
 
+def _together(moved: np.ndarray) -> np.ndarray:
+    """``together[i, j]``: whether some component's row moves with both ``u_i`` and
+    ``u_j`` (``moved`` from :func:`_moved_at_generic_point` or the differences at ``u``)."""
+    counts = moved.astype(np.int64)
+    return counts @ counts.T > 0
+
+
 def _pieces(ev: _Evaluator, steps: np.ndarray) -> _Pieces:
     """Louis' pieces by central differences with ``steps`` (error O(steps^2)): the
     scores from ``u +- h_j e_j``, the complete-data Hessian from v there and at
@@ -208,16 +215,19 @@ def _pieces(ev: _Evaluator, steps: np.ndarray) -> _Pieces:
         g, counted = base.gamma, base.counted
         scores = np.empty((*g.shape, d))
         parts = np.empty((d, 2))  # this chunk's share of plus and minus
-        moved = _moved_at_generic_point(ev, base, units)
+        moved = np.empty((d, g.shape[1]), dtype=bool)
         for j, e in enumerate(units):
             up, down = ev.change(base, e), ev.change(base, -e)
             parts[j] = np.sum(counted * up), np.sum(counted * down)
-            moved[j] |= np.any((up != 0) | (down != 0), axis=0)
+            moved[j] = np.any((up != 0) | (down != 0), axis=0)
             scores[..., j] = (up - down) / (2 * steps[j])
         plus += parts[:, 0]
         minus += parts[:, 1]
+        together = _together(moved)
+        if not together.all():  # a product with a zero at u can hide a move: look off u
+            together = _together(moved | _moved_at_generic_point(ev, base, units))
         for i, j in pairs:
-            if not np.any(moved[i] & moved[j]):
+            if not together[i, j]:
                 twin[i, j] += parts[i] + parts[j]  # the mixed difference is zero
                 continue
             twin[i, j, 0] += np.sum(counted * ev.change(base, units[i] + units[j]))

@@ -254,8 +254,8 @@ def _one_array(rows) -> np.ndarray | None:
 
 def _as_rows(joint, keep: bool) -> tuple[np.ndarray | tuple[np.ndarray, ...], np.ndarray]:
     """The K rows as one K x N array where they are one (a numba type for every K), else
-    as a tuple of contiguous float64 vectors (a numba type per K: 5 s to compile cold,
-    benchmarks/README.md), and the K x N array the log-responsibilities go to: the joint
+    as a tuple of contiguous float64 vectors (a numba type per K: 2-6 s each to compile
+    cold, benchmarks/README.md), and the K x N array the log-responsibilities go to: the joint
     itself when it is one writable K x N array, else a new one (rows passed one by one
     are read only), or K x 0 when they are not kept."""
     if isinstance(joint, np.ndarray) and joint.ndim == 2:
