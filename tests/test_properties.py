@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pymc as pm
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
 from scipy.stats import norm
@@ -99,16 +99,29 @@ def datasets(draw, families=FAMILIES):
 def _fit(prep, x, iters=150, **kw):
     """A fixed number of EM iterations (tol=1e-300 stops only at an exact fixed point),
     so two fits that should be equivalent run the same iterates; the relative-tol stop
-    is not invariant under the transformations tested here."""
+    is not invariant under the transformations tested here.
+
+    The likelihood of a Normal mixture (``mode="mle"``) is unbounded: on some samples
+    EM's path leads a component onto one observation, and ``fit`` raises
+    :class:`ppl_em.CollapseError` (``tests/test_robustness.py``); such a sample is
+    outside these properties, which are those of a fit that returns. Every other family
+    here has a bounded posterior, and a collapse there fails the test. (Hypothesis draws
+    some values from the constants of the modules imported so far, so which samples a
+    test sees depends on the tests run before it in the process.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
-        return ppl_em.fit(
-            prepared=ppl_em.with_data(prep, x=x),
-            tol=1e-300,
-            max_iter=iters,
-            progressbar=False,
-            **kw,
-        )
+        try:
+            return ppl_em.fit(
+                prepared=ppl_em.with_data(prep, x=x),
+                tol=1e-300,
+                max_iter=iters,
+                progressbar=False,
+                **kw,
+            )
+        except ppl_em.CollapseError:
+            if prep.functions.mode != "mle":
+                raise
+            reject()
 
 
 def _close(a, b, rtol=1e-6, atol=1e-8):
