@@ -36,9 +36,10 @@ def moments_from_stats(nk: np.ndarray, stats, request, i: int, reg_covar: float 
     nk = np.maximum(nk, TINY)[:, None]
     mean = request.mvn_means[i]
     d = mean.shape[0]
-    col = {key[2:]: c for key, c in request.index.items() if key[:2] == ("mvn", i)}
-    first = [col[("x", a)] for a in range(d)]
-    second = [[col[("xx", min(a, b), max(a, b))] for b in range(d)] for a in range(d)]
+    index = request.index
+    first = [index[("mvn", i, "x", a)] for a in range(d)]
+    second = [[index[("mvn", i, "xx", min(a, b), max(a, b))] for b in range(d)]
+              for a in range(d)]  # fmt: skip
     shift = stats.s[first].T / nk
     with np.errstate(over="ignore", invalid="ignore"):
         cov = np.moveaxis(stats.s[second], 2, 0) / nk[:, :, None]
