@@ -89,9 +89,9 @@ def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabel:
 def objective_at(prepared, point: dict) -> float:
     """ppl_em's objective (log-likelihood plus log prior) at a point of constrained
     values by variable name, such as the one ``pm.find_MAP`` returns."""
-    from ppl_em.em import apply_start, em_init
+    from ppl_em.em import apply_start, em_init, log_prior
 
     f = prepared.functions
     u = apply_start(f, {k: point[k] for k in f.layout.rv_names}, np.zeros(f.layout.size))
     state = em_init(f, u)
-    return float(state.loglik + state.logprior)
+    return float(state.loglik + log_prior(f, state))

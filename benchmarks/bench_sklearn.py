@@ -32,6 +32,7 @@ from benchmarks._common import (
     write_report,
 )
 from ppl_em.em import apply_start, em_data, em_init, em_step, run_em
+from ppl_em.steps.estep import one_blas_thread
 
 SK_TOL = 1e-8
 
@@ -96,14 +97,18 @@ def sklearn_per_iter(X: np.ndarray, start: dict, iters: int) -> float:
 
 
 def ppl_per_iter(prepared, u0: np.ndarray, repeat: int) -> float:
+    """Median seconds of ``repeat`` EM iterations from ``u0``, run as ``run_em`` runs
+    them: statistics columns built once, no log-responsibilities kept between
+    closed-form steps, one BLAS thread (with OpenBLAS's two, the M-step's small products
+    made a D=4 iteration at N=10^4 1.0-1.7 ms against 0.93-0.95, benchmarks/README.md)."""
     f, c = prepared
-    data = em_data(f, c)  # as run_em: the statistics columns built once per dataset
-    state = em_init(f, u0, c, data)
+    data = em_data(f, c)
     times = []
-    for _ in range(repeat):
-        # as run_em iterates: no log-responsibilities stored between closed-form steps
-        t, state = timed(lambda s=state: em_step(f, c, s, data, keep_resp=False))
-        times.append(t)
+    with one_blas_thread(f.blas):
+        state = em_init(f, u0, c, data)
+        for _ in range(repeat):
+            t, state = timed(lambda s=state: em_step(f, c, s, data, keep_resp=False))
+            times.append(t)
     return float(np.median(times))
 
 

@@ -15,7 +15,7 @@ from ppl_em.diagnostics import select_run
 from ppl_em.em.convergence import GAP_TOL
 from ppl_em.em.loop import EMRun, run_em
 from ppl_em.em.starts import apply_start, check_support, default_start
-from ppl_em.em.step import em_data
+from ppl_em.em.step import em_data, log_prior
 from ppl_em.observations import fix_parameters, with_observations
 from ppl_em.options import FIT_CONSTRAINTS, check_args
 from ppl_em.prepared import PreparedEM, apply_reg_covar, prepare
@@ -227,7 +227,7 @@ def _result(
     values = functions.constrain(state.u)
     return EMResult(
         params=dict(zip(functions.layout.rv_names, map(np.asarray, values), strict=True)),
-        log_posterior=state.loglik + state.logprior,
+        log_posterior=state.loglik + log_prior(functions, state),
         loglik=state.loglik,
         history=best.history,
         n_iter=best.n_iter,

@@ -43,18 +43,25 @@ def test_em_optimum_is_find_map(builder, x):
         np.testing.assert_allclose(value, map_est[name], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(res.log_posterior, _marginal_logp(marginal, map_est), rtol=1e-6)
     # EM's log posterior is the marginal model's own logp (jacobian=False) at the estimate
-    transformed = marginal.initial_point()
-    for rv in marginal.free_RVs:
-        tr = marginal.rvs_to_transforms.get(rv)
-        vv = marginal.rvs_to_values[rv].name
-        val = res.params[rv.name]
-        transformed[vv] = tr.forward(val, *rv.owner.inputs).eval() if tr else val
+    transformed = _transformed(marginal, res.params)
     np.testing.assert_allclose(res.log_posterior, _marginal_logp(marginal, transformed), rtol=1e-10)
+
+
+def _transformed(model, params: dict) -> dict:
+    """The model's value variables at the constrained ``params``."""
+    point = model.initial_point()
+    for rv in model.free_RVs:
+        tr = model.rvs_to_transforms.get(rv)
+        val = params[rv.name]
+        val = tr.forward(val, *rv.owner.inputs).eval() if tr else val
+        point[model.rvs_to_values[rv].name] = val
+    return point
 
 
 @pytest.mark.parametrize("builder", [gaussian_label, gaussian_mixture])
 def test_mle_loglik_equals_sklearn(builder, x):
-    res = ppl_em.fit(builder(x), mode="mle", progressbar=False, tol=1e-13)
+    model = builder(x)
+    res = ppl_em.fit(model, mode="mle", progressbar=False, tol=1e-13)
     gm = GaussianMixture(3, covariance_type="full", tol=1e-14, max_iter=10000, reg_covar=0.0,
                          n_init=5, random_state=0).fit(x[:, None])  # fmt: skip
     sk_loglik = gm.score(x[:, None]) * len(x)
@@ -62,3 +69,9 @@ def test_mle_loglik_equals_sklearn(builder, x):
     order = np.argsort(res.params["mu"])
     np.testing.assert_allclose(res.params["mu"][order], np.sort(gm.means_[:, 0]), atol=1e-3)
     assert_monotone(res.history)
+    # The iterations of an MLE fit never evaluate the log prior; the result's is PyMC's
+    marginal = pmx.marginalize(model, ["z"]) if "z" in model.named_vars else model
+    with numpy_ops():
+        prior = marginal.compile_logp(vars=marginal.free_RVs, jacobian=False)
+    logprior = float(prior(_transformed(marginal, res.params)))
+    np.testing.assert_allclose(res.log_posterior - res.loglik, logprior, rtol=1e-10)

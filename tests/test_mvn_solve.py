@@ -124,3 +124,31 @@ def test_a_factor_that_is_not_a_cholesky_factor_falls_back_to_the_covariance():
     got = solve_params(update, u0, mu, cov)
     assert got is not None
     _assert_reproduces(update, got, mu, cov)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda x: flat_cholesky_mixture(x, 2), lambda x: lkj_mixture(x, 2)],
+    ids=["flat-cholesky-list", "lkj-cholesky-list"],
+)
+def test_a_factor_set_entry_by_entry_is_solved_entry_by_entry(build):
+    """Free values that set the mean's and factor's entries one each (through their
+    transforms): the solve divides each entry's error by its own derivative, and lands
+    where the whole whitened Jacobian's Newton lands, on the weighted moments."""
+    x = blobs(300, 2, 3)
+    _, update, u0, (mu, cov) = _setup(build(x), x)
+    factor = update.factor
+    assert factor.outputs is not None
+    assert np.array_equal(np.flatnonzero(factor.pattern.any(axis=1)), np.sort(factor.outputs))
+    a = solve_params(update, u0, mu, cov)
+    b = solve_params(update._replace(factor=factor._replace(outputs=None)), u0, mu, cov)
+    assert a is not None and b is not None
+    _assert_reproduces(update, a, mu, cov)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_factor_whose_entries_share_free_values_is_not_solved_entry_by_entry():
+    """``L = diag(sd) chol(R)``: a standard deviation moves a whole row of ``L``."""
+    x = blobs(300, 2, 2, seed=8)
+    _, update, _, _ = _setup(gaussian_2d_label(), x)
+    assert update.factor.outputs is None and update.outputs is None

@@ -45,6 +45,7 @@ from ppl_em.em.sources import (
     stream_batches,
 )
 from ppl_em.em.starts import apply_start, default_start
+from ppl_em.em.step import log_prior
 from ppl_em.options import METHODS
 from ppl_em.prepared import PreparedEM
 from ppl_em.steps.estep import joint
@@ -162,7 +163,8 @@ def fit_batch(prepared: PreparedEM, data: Mapping, options: dict, *, start, n_in
     runs = [run_em(functions, prepared.config, u, data=smap, **options) for u in starts]
     best, diagnostics = _choose(at, runs)
     objectives = tuple(r.state.objective for r in runs)
-    return _result(prepared, best.state.u, best.state.loglik, best.state.logprior, dict(
+    logprior = log_prior(functions, best.state)
+    return _result(prepared, best.state.u, best.state.loglik, logprior, dict(
         history=best.history, n_iter=best.n_iter, converged=best.converged,
         monotone=best.monotone, objectives_per_init=objectives, diagnostics=diagnostics,
         n_data=best.state.stats.n_obs, n_data_rows=source.n_rows, method="batch",

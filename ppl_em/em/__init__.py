@@ -2,7 +2,15 @@
 
 from ppl_em.em.loop import EMRun, run_em
 from ppl_em.em.starts import apply_start, default_start
-from ppl_em.em.step import EMData, EMState, em_data, em_init, em_step, with_log_resp
+from ppl_em.em.step import (
+    EMData,
+    EMState,
+    em_data,
+    em_init,
+    em_step,
+    log_prior,
+    with_log_resp,
+)
 
 __all__ = [
     "EMData",
@@ -13,6 +21,7 @@ __all__ = [
     "em_data",
     "em_init",
     "em_step",
+    "log_prior",
     "run_em",
     "with_log_resp",
 ]

@@ -8,9 +8,10 @@ shared by all observations, the joint's row of component k is
                           - ||P_k x_i - b_k||^2 / 2,      P_k = L_k^-1,  b_k = P_k mu_k,
 
 ``L_k`` the Cholesky factor of ``Sigma_k``. ``(mu_k, L_k)`` come from the block's
-compiled parameter map (:class:`ppl_em.steps.mvn_solve.MvnUpdate`, 12-19 us a call)
-and ``log p(z = k)`` from the model's graph (``EMFunctions.label_terms``, 8 us in C,
-54 us on NumPy-backed Ops). The quadratic forms are one numba loop over blocks of
+compiled parameter map (:class:`ppl_em.steps.mvn_solve.MvnUpdate`, 12-19 us a call),
+which also gives ``log p(z = k)`` from the model's graph in the same C call
+(:class:`ppl_em.compiled.mvn_map.ParamMap`; 41 us a call on NumPy-backed Ops as
+``EMFunctions.label_terms``). The quadratic forms are one numba loop over blocks of
 observations, vectorised along the block: at D=4, K=3, N=10^4 the rows compiled from
 the graph took 0.26-0.60 ms (C or NumPy-backed Ops), this loop some 70 us
 (benchmarks/README.md).
@@ -25,11 +26,13 @@ compiled rows' (PyMC's checks decide there).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
 
 from ppl_em.compiled.functions import EMFunctions
+from ppl_em.compiled.mvn_map import ParamMap
 from ppl_em.steps.cores import halves, run_split, usable_cores
 from ppl_em.steps.mvn_solve import MvnUpdate
 from ppl_em.steps.row_check import agrees_on_sample, probe_point
@@ -99,10 +102,11 @@ class WrittenMvnRows:
 
     kernel_pass = True
 
-    def __init__(self, graph_rows, label_terms, update: MvnUpdate, position: int, k: int,
+    def __init__(self, graph_rows, values: Callable, update: MvnUpdate, position: int, k: int,
                  d: int) -> None:  # fmt: skip
-        self.graph_rows, self.label_terms, self.update = graph_rows, label_terms, update
+        self.graph_rows, self.values, self.update = graph_rows, values, update
         self.position, self.k, self.d = position, k, d
+        self._upper = np.triu_indices(d, 1)
         self.lock = threading.RLock()
         self._buffers: dict[int, np.ndarray] = {}
 
@@ -111,7 +115,7 @@ class WrittenMvnRows:
         constant (the module docstring); None where the written rows do not apply."""
         k, d = self.k, self.d
         factor = self.update.factor
-        raw = (self.update if factor is None else factor).params(u)
+        raw, label = self.values(u)
         if raw.shape != (k * d * (d + 1),):
             return None  # one covariance for all components (tied)
         mu, chol = raw[: k * d].reshape(k, d), raw[k * d :].reshape(k, d, d)
@@ -120,7 +124,7 @@ class WrittenMvnRows:
                 chol = np.linalg.cholesky(chol)
             except np.linalg.LinAlgError:
                 return None
-        elif np.any(np.triu(chol, 1)):
+        elif np.any(chol[:, self._upper[0], self._upper[1]]):
             return None  # not lower triangular: not Sigma's Cholesky factor
         diag = np.diagonal(chol, axis1=1, axis2=2)
         if not np.all(diag > 0):
@@ -130,7 +134,7 @@ class WrittenMvnRows:
         p = np.tril(np.linalg.inv(chol))
         if not (np.all(np.isfinite(p)) and np.all(np.isfinite(mu))):
             return None
-        label = np.asarray(self.label_terms(u), dtype=float).reshape(k)
+        label = np.asarray(label, dtype=float).reshape(k)
         c = label - 0.5 * d * np.log(2.0 * np.pi) - np.sum(np.log(diag), axis=1)
         return p, np.einsum("kij,kj->ki", p, mu), c
 
@@ -145,6 +149,15 @@ class WrittenMvnRows:
                 self._buffers[n] = np.empty((self.k, n))
             out = quadratic_rows(arrays[self.position], *whitening, self._buffers[n])
             return list(out)
+
+
+def _values(functions: EMFunctions, update: MvnUpdate) -> Callable:
+    """``u -> (params(u), log p(z = k))`` for the rows: one C call where the block's map
+    carries the label's terms (:class:`ppl_em.compiled.mvn_map.ParamMap`)."""
+    mapped = (update if update.factor is None else update.factor).params
+    if isinstance(mapped, ParamMap) and mapped.labelled:
+        return mapped.with_label
+    return lambda u: (mapped(u), functions.label_terms(u))
 
 
 def with_written_mvn_rows(
@@ -162,7 +175,8 @@ def with_written_mvn_rows(
         return functions
     position = names.index(x_name)
     k, d = functions.graph.n_components, functions.data[position].shape[-1]
-    rows = WrittenMvnRows(functions.rows, functions.label_terms, updates[0], position, k, d)
+    rows = WrittenMvnRows(functions.rows, _values(functions, updates[0]), updates[0], position,
+                          k, d)  # fmt: skip
     probe = probe_point(u)
     # Where the written rows would hand the call to the graph's, the check proves nothing.
     if rows._whitening(probe) is None or not agrees_on_sample(functions, rows, probe, False):

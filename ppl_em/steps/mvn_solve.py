@@ -15,6 +15,11 @@ one forward difference where the covariance's takes one per row of the factor. A
 that does not reproduce the covariance (``L`` not lower triangular) falls back to the
 covariance's solve; a solve that misses the target leaves the block to the numeric
 M-step.
+
+Where each free entry of the block moves one output of its own (the factor's entries
+free one each, through their transforms), the Jacobian is a permuted diagonal: one
+forward difference of all entries at once gives it, and a Newton step divides each
+entry's own error by its derivative, with no whitened Jacobian to build or invert.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ class MvnUpdate(NamedTuple):
     are independent, so that is about ``1/K`` of the entries); ``entries`` holds per
     group ``(group, outputs, entries)``, the Jacobian's nonzeros its difference fills.
     ``factor``, where the model has one, is the same for ``concat(mu.ravel(),
-    L.ravel())``.
+    L.ravel())``. ``outputs``, where each entry moves exactly one output and no two
+    entries the same one, holds each entry's output (:func:`_own_outputs`). ``lower``
+    holds the flat positions of a D x D matrix's lower triangle, row by row.
     """
 
     mask: np.ndarray
@@ -56,6 +63,8 @@ class MvnUpdate(NamedTuple):
     groups: tuple[np.ndarray, ...]
     entries: tuple[tuple[np.ndarray, ...], ...]
     factor: MvnUpdate | None = None
+    outputs: np.ndarray | None = None
+    lower: np.ndarray | None = None
 
 
 class CovarianceOf(NamedTuple):
@@ -123,20 +132,45 @@ def _fd_jacobian(params, full, cols, sub, base, entries) -> np.ndarray:
 
 class _Residual:
     """The whitened residual ``params(u) - target`` of one solve, remembering the map's
-    value at the last point so that a Jacobian there costs only its differences."""
+    value at the last point so that a Jacobian there costs only its differences.
+    ``factor`` says the target is a Cholesky factor (whitened as ``W E``), not a
+    covariance (``W E W^T``)."""
 
-    def __init__(self, update: MvnUpdate, u: np.ndarray, mu_t, cov_t, winv, pair) -> None:
-        self.update, self.winv, self.pair = update, winv, pair
+    def __init__(self, update: MvnUpdate, u: np.ndarray, mu_t, second_t, winv,
+                 factor: bool) -> None:  # fmt: skip
+        self.update, self.winv, self.factor = update, winv, factor
         self.full, self.cols = u.copy(), np.flatnonzero(update.mask)
         self.shape = mu_t.shape
-        self.target = np.concatenate([mu_t.ravel(), cov_t.ravel()])
+        self.target = np.concatenate([mu_t.ravel(), second_t.ravel()])
         self.at, self.raw = None, None
+        self._pair = None
+        d = mu_t.shape[1]
+        self._lower = _lower(d) if update.lower is None else update.lower
+
+    @property
+    def pair(self) -> np.ndarray:
+        """The whitening of Jacobian columns (:func:`_whitening`), built when first needed:
+        a separable solve never whitens a Jacobian."""
+        if self._pair is None:
+            self._pair = (_factor_whitening if self.factor else _whitening)(self.winv)
+        return self._pair
 
     def whiten(self, values: np.ndarray) -> np.ndarray:
+        if values.ndim == 1:
+            return self._whiten_one(values)
         k, d = self.shape
         columns = values.reshape(values.shape[0], -1)
         out = _whitened(self.winv, self.pair, columns[: k * d], columns[k * d :])
         return out.reshape(-1, *values.shape[1:])
+
+    def _whiten_one(self, error: np.ndarray) -> np.ndarray:
+        """:func:`_whitened` of one error vector, as two small products."""
+        k, d = self.shape
+        r_mu = np.matmul(self.winv, error[: k * d].reshape(k, d, 1)).ravel()
+        scaled = np.matmul(self.winv, error[k * d :].reshape(k, d, d))
+        if not self.factor:
+            scaled = np.matmul(scaled, self.winv.mT)
+        return np.concatenate([r_mu, scaled.reshape(k, d * d)[:, self._lower].ravel()])
 
     def __call__(self, sub: np.ndarray) -> np.ndarray:
         self.full[self.cols] = sub
@@ -144,12 +178,27 @@ class _Residual:
         return self.whiten(self.raw - self.target)
 
     def jacobian(self, sub: np.ndarray) -> np.ndarray:
-        if self.at is None or not np.array_equal(self.at, sub):
-            self(sub)
+        self._evaluated_at(sub)
         jac = _fd_jacobian(
             self.update.params, self.full, self.cols, sub, self.raw, self.update.entries
         )
         return self.whiten(jac)
+
+    def _evaluated_at(self, sub: np.ndarray) -> None:
+        if self.at is None or not np.array_equal(self.at, sub):
+            self(sub)
+
+    def slopes(self, sub: np.ndarray) -> np.ndarray | None:
+        """Each entry's derivative of its own output (``update.outputs``) at ``sub``: one
+        forward difference of all entries at once, their outputs being distinct; None
+        where one is zero or not finite."""
+        self._evaluated_at(sub)
+        outputs, h = self.update.outputs, 1.5e-8 * (1.0 + np.abs(sub))
+        self.full[self.cols] = sub + h
+        moved = self.update.params(self.full)[outputs]
+        self.full[self.cols] = sub
+        slope = (moved - self.raw[outputs]) / h
+        return slope if np.all(np.isfinite(slope)) and np.all(slope != 0) else None
 
 
 def solve_params(
@@ -163,13 +212,12 @@ def solve_params(
         return None
     winv = np.linalg.inv(chol_t)
     if update.factor is not None:
-        pair = _factor_whitening(winv)
-        residual = _Residual(update.factor, u, mu_t, chol_t, winv, pair)
+        residual = _Residual(update.factor, u, mu_t, chol_t, winv, factor=True)
         # a quarter of the tolerance, so that the covariance it gives is within it
         x = _solve(residual, u, SOLVE_TOL / 4)
         if x is not None and _reproduces(residual):
             return x
-    return _solve(_Residual(update, u, mu_t, cov_t, winv, _whitening(winv)), u, SOLVE_TOL)
+    return _solve(_Residual(update, u, mu_t, cov_t, winv, factor=False), u, SOLVE_TOL)
 
 
 def _reproduces(residual: _Residual) -> bool:
@@ -183,8 +231,9 @@ def _reproduces(residual: _Residual) -> bool:
 
 def _solve(residual: _Residual, u: np.ndarray, tol: float) -> np.ndarray | None:
     start = u[residual.cols]
+    separable = residual.update.outputs is not None
     with np.errstate(all="ignore"):
-        x = _newton(residual, residual.jacobian, start, tol)
+        x = _newton(residual, _own_steps if separable else _whole_steps, start, tol)
         if x is None:
             x = _levenberg_marquardt(residual, residual.jacobian, start, tol)
     if x is None:
@@ -206,31 +255,50 @@ def _inverse(jac: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def _newton(residual, jacobian, x: np.ndarray, tol: float, max_iter: int = 16):
-    """Newton's method from the previous M-step's solution, keeping a Jacobian while
-    each step still shrinks the residual by ``CHORD_RATE`` (a Jacobian costs one map
-    evaluation per group, a step one): near convergence the first Jacobian serves
+def _whole_steps(residual: _Residual, x: np.ndarray) -> Callable | None:
+    """The Newton step from the whitened Jacobian at ``x``, as a function of the
+    whitened residual where it is taken; None where that Jacobian has no inverse."""
+    inverse = _inverse(residual.jacobian(x))
+    return None if inverse is None else (lambda r: inverse @ r)
+
+
+def _own_steps(residual: _Residual, x: np.ndarray) -> Callable | None:
+    """As :func:`_whole_steps` where each entry moves one output of its own: the step
+    divides each entry's error in that output by its derivative at ``x`` (the same step
+    as the whitened one, ``(W J)^-1 W e = J^-1 e``). It reads the error at the residual's
+    last point, which :func:`_newton` keeps at the point the step is taken from."""
+    slope, outputs = residual.slopes(x), residual.update.outputs
+    if slope is None:
+        return None
+    return lambda r: (residual.raw[outputs] - residual.target[outputs]) / slope
+
+
+def _newton(residual, linearise, x: np.ndarray, tol: float, max_iter: int = 16):
+    """Newton's method from the previous M-step's solution, keeping a linearisation
+    (``linearise(residual, x)``, a function from the whitened residual to the step)
+    while each step still shrinks the residual by ``CHORD_RATE`` (a Jacobian costs one
+    map evaluation per group, a step one): near convergence the first Jacobian serves
     the whole solve. None as soon as a step from a fresh Jacobian does not halve the
     residual (then Levenberg-Marquardt takes over from the start)."""
-    r, inverse = residual(x), None
+    r, step = residual(x), None
     for _ in range(max_iter):
         if not np.all(np.isfinite(r)):
             return None
         if np.max(np.abs(r)) <= tol:
             return x
-        fresh = inverse is None
-        inverse = _inverse(jacobian(x)) if fresh else inverse
-        if inverse is None:
+        fresh = step is None
+        step = linearise(residual, x) if fresh else step
+        if step is None:
             return None
-        x_new = x - inverse @ r
+        x_new = x - step(r)
         r_new = residual(x_new)
         shrink = np.linalg.norm(r_new) / np.linalg.norm(r)
         if not shrink <= 0.5:
             if fresh:
                 return None
-            inverse = None  # a stale Jacobian: take a fresh one at x
+            step = None  # a stale Jacobian: take a fresh one at x
             continue
-        inverse = inverse if shrink <= CHORD_RATE else None
+        step = step if shrink <= CHORD_RATE else None
         x, r = x_new, r_new
     return x if np.max(np.abs(r)) <= tol else None
 
@@ -285,16 +353,32 @@ def _entries(pattern: np.ndarray, groups) -> tuple[tuple[np.ndarray, ...], ...]:
     return tuple(out)
 
 
+def _lower(d: int) -> np.ndarray:
+    rows, cols = np.tril_indices(d)
+    return rows * d + cols
+
+
+def _own_outputs(pattern: np.ndarray) -> np.ndarray | None:
+    """Each block entry's one output, where every entry moves exactly one output and no
+    output moves with two entries (the map is separable); else None."""
+    if not (np.all(pattern.sum(axis=0) == 1) and np.all(pattern.sum(axis=1) <= 1)):
+        return None
+    return np.argmax(pattern, axis=0)
+
+
 def _update(mask: np.ndarray, params: Callable) -> MvnUpdate:
     pattern, groups = _sparsity(params, mask)
-    return MvnUpdate(mask, params, pattern, groups, _entries(pattern, groups))
+    entries = _entries(pattern, groups)
+    return MvnUpdate(mask, params, pattern, groups, entries, outputs=_own_outputs(pattern))
 
 
 def compile_update(functions: EMFunctions, spec: MvnSpec) -> MvnUpdate:
     """The compiled parameter map of ``spec`` and its sparsity, in the covariance and,
     where the spec has one, in its factor."""
     mask, params = compile_param_map(functions, spec)
-    if spec.factor is None:
-        return _update(mask, params)
     k, d = spec.mu.type.shape
-    return _update(mask, CovarianceOf(params, k, d))._replace(factor=_update(mask, params))
+    lower = _lower(d)
+    if spec.factor is None:
+        return _update(mask, params)._replace(lower=lower)
+    factor = _update(mask, params)._replace(lower=lower)
+    return _update(mask, CovarianceOf(params, k, d))._replace(factor=factor, lower=lower)
