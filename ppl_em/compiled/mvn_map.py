@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,17 +22,23 @@ class ParamMap(NamedTuple):
     label's K terms ``log p(z = k)`` where its probabilities are shared (``labelled``),
     else an empty vector: the written rows read both from one C call (the label's terms
     alone took 41 us on NumPy-backed Ops, the whole map 15 us in C,
-    benchmarks/README.md); the solve reads the first."""
+    benchmarks/README.md); the solve reads the first. Both the E-step's rows and the
+    M-step's solve call it, so fits of one prepared model in several threads take
+    turns on its storage (``lock``), as on :class:`ppl_em.compiled.functions.LazyFunction`'s.
+    """
 
     fn: Callable
     labelled: bool
+    lock: threading.Lock
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
-        return self.fn(u)[0]
+        with self.lock:
+            return self.fn(u)[0]
 
     def with_label(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(params(u), label terms at u)``."""
-        params, label = self.fn(u)
+        with self.lock:
+            params, label = self.fn(u)
         return params, label
 
 
@@ -54,4 +61,5 @@ def compile_param_map(functions: EMFunctions, spec: MvnSpec) -> tuple[np.ndarray
     label = pt.zeros(0) if shared is None else graph_replace(shared, replace, strict=False)
     outputs = [out, pt.cast(label, "float64")]
     fn = pymc_compile([flat], outputs, mode=backend_mode("c"), on_unused_input="ignore")
-    return layout.mask({r.name for r in spec.rvs}), ParamMap(fn, shared is not None)
+    params = ParamMap(fn, shared is not None, threading.Lock())
+    return layout.mask({r.name for r in spec.rvs}), params
