@@ -45,9 +45,13 @@ DECREMENT_TOL = 1e-12
 
 
 class NewtonResult(NamedTuple):
+    """Where Newton stopped; ``final`` is ``(Q, grad, decrement)`` at ``values`` where
+    the last Hessian was taken there (the loop stopped before moving), else None."""
+
     values: np.ndarray
     moved: bool
     start_decrement: float
+    final: tuple[float, np.ndarray, float] | None = None
 
 
 def _column(evaluate, x: np.ndarray, grad: np.ndarray, i: int) -> np.ndarray:
@@ -79,6 +83,73 @@ def hessian(evaluate, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Q's Hessian at ``x``, symmetrised, from ``evaluate(x) -> (Q, grad)``."""
     h = np.stack([_column(evaluate, x, grad, i) for i in range(x.size)], axis=1)
     return 0.5 * (h + h.T)
+
+
+def interacting(h: np.ndarray) -> list[np.ndarray]:
+    """The sets of variables that a Hessian couples (connected through its nonzero
+    entries), each in increasing order, ordered by their first variable."""
+    linked = (h != 0) | (h.T != 0)
+    seen, sets = np.zeros(h.shape[0], dtype=bool), []
+    for first in range(h.shape[0]):
+        if seen[first]:
+            continue
+        members, frontier = {first}, [first]
+        while frontier:
+            found = set(np.flatnonzero(linked[frontier.pop()]).tolist()) - members
+            members |= found
+            frontier.extend(found)
+        members_arr = np.array(sorted(members))
+        seen[members_arr] = True
+        sets.append(members_arr)
+    return sets
+
+
+def grouped_hessian(evaluate, x: np.ndarray, grad: np.ndarray, sets) -> np.ndarray:
+    """:func:`hessian` where the variables fall into ``sets`` that do not interact
+    (:func:`interacting`): the j-th variable of every set is differenced at once, each
+    column read on its own set's rows, so a Hessian costs as many gradients as the
+    largest set has variables, times the steps' adjustments (:func:`_column`'s, per
+    variable) instead of as many as there are variables."""
+    h = np.zeros((x.size, x.size))
+    for j in range(max(len(members) for members in sets)):
+        group = [members for members in sets if len(members) > j]
+        for members, column in zip(group, _columns(evaluate, x, grad, group, j), strict=True):
+            h[members, members[j]] = column
+    return 0.5 * (h + h.T)
+
+
+def _columns(evaluate, x: np.ndarray, grad: np.ndarray, group, j: int) -> list[np.ndarray]:
+    """:func:`_column` of each set's j-th variable, read on the set's rows: the sets'
+    gradients do not move each other's, so each variable's step is adjusted as
+    :func:`_column` adjusts it while all still unsettled move at once (a Q that is not
+    finite shrinks all their steps)."""
+    index = np.array([members[j] for members in group])
+    step = 1e-5 * np.maximum(1.0, np.abs(x[index]))
+    settled = np.zeros(index.size, dtype=bool)
+    out: list = [None] * index.size
+    for _ in range(10):
+        todo = [m for m in range(index.size) if out[m] is None]
+        if not todo:
+            break
+        moved = x.copy()
+        moved[index[todo]] += step[todo]
+        q, grad_moved = evaluate(moved)
+        if not np.isfinite(q):
+            step[todo] /= 1e3
+            continue
+        for m in todo:
+            i, change = index[m], grad_moved - grad
+            if not abs(change[i]) > 1e-8 * abs(grad[i]):
+                step[m] *= 1e3
+                continue
+            ideal = 1e-4 / np.sqrt(abs(change[i]) / step[m])
+            if settled[m] or ideal >= 0.1 * step[m]:
+                out[m] = change[group[m]] / step[m]
+            else:
+                step[m], settled[m] = ideal, True
+    return [
+        np.zeros(len(members)) if c is None else c for members, c in zip(group, out, strict=True)
+    ]
 
 
 def partial_hessian(evaluate, x, grad, known: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -131,23 +202,25 @@ def newton_maximise(
     given, else forward differences of ``probe``'s gradient."""
     x = start
     q, grad = evaluate(x)
-    seen = []
+    seen, final = [], None
     for _ in range(max_iter):
         h = hessian(probe, x, grad) if curvature is None else curvature(x, grad)
         direction, decrement = newton_direction(h, grad)
         seen.append(decrement)
+        final = (q, grad, decrement)
         if decrement <= max(grad_reduction * seen[0], tol) or _at_noise_floor(seen):
             break
         found = _line_search(evaluate, x, q, grad, direction, decrement < NEAR)
         if found is None:
             break
         x, q, grad = found
+        final = None
         # A generalised step asks only that the gradient shrink by grad_reduction. Read
         # with the Hessian just used (Q's curvature barely changes over one step), that
         # needs no new Hessian, which costs a pass over the data per variable.
         if grad_reduction > 0 and newton_direction(h, grad)[1] <= grad_reduction * seen[0]:
             break
-    return NewtonResult(x, x is not start, seen[0] if seen else 0.0)
+    return NewtonResult(x, x is not start, seen[0] if seen else 0.0, final)
 
 
 def _at_noise_floor(seen: list[float]) -> bool:

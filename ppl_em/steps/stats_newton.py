@@ -22,7 +22,13 @@ from ppl_em.steps.closed_form import (
     second_moments,
 )
 from ppl_em.steps.columns import StatsRequest, coefficients
-from ppl_em.steps.newton import hessian, newton_direction, newton_maximise
+from ppl_em.steps.newton import (
+    grouped_hessian,
+    hessian,
+    interacting,
+    newton_direction,
+    newton_maximise,
+)
 from ppl_em.steps.stats import TINY, Stats
 
 # Newton stops within 1e-12 standard errors (under Q) of Q's maximum; a result more
@@ -70,6 +76,23 @@ def _centred_sums(batches, block: Block, names, centre: np.ndarray):
     return s, s2
 
 
+class _Curvature:
+    """Q's Hessian for one M-step: the first in full (:func:`hessian`), the rest with the
+    variables it shows apart differenced together (:func:`grouped_hessian`; a normal
+    block's components: three gradients instead of six for K=3, each gradient twice
+    for the step's adjustment)."""
+
+    def __init__(self, evaluate) -> None:
+        self.evaluate, self.sets = evaluate, None
+
+    def __call__(self, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        if self.sets is None:
+            h = hessian(self.evaluate, x, grad)
+            self.sets = interacting(h)
+            return h
+        return grouped_hessian(self.evaluate, x, grad, self.sets)
+
+
 def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
     """``u`` with the block's entries at its Q's maximiser, or None if Newton did not
     get there (the decrement, in standard errors under Q, still above ``DECREMENT_TOL``)."""
@@ -77,11 +100,18 @@ def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
     def evaluate(x):
         return sq.q(x, *arrays)
 
-    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0)
-    q, grad = evaluate(found.values)
+    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0, curvature=_Curvature(evaluate))
+    # Where Newton stopped before moving, its last Hessian was taken at the result: the
+    # same decrement, without the 1 + 2p evaluations of Q a new one costs.
+    if found.final is None:
+        q, grad = evaluate(found.values)
+        decrement = None
+    else:
+        q, grad, decrement = found.final
     if not (np.isfinite(q) and np.all(np.isfinite(grad))):
         return None
-    _, decrement = newton_direction(hessian(evaluate, found.values, grad), grad)
+    if decrement is None:
+        _, decrement = newton_direction(hessian(evaluate, found.values, grad), grad)
     if decrement > DECREMENT_TOL:
         return None
     out = u.copy()
