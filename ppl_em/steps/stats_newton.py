@@ -80,7 +80,9 @@ class _Curvature:
     """Q's Hessian for one M-step: the first in full (:func:`hessian`), the rest with the
     variables it shows apart differenced together (:func:`grouped_hessian`; a normal
     block's components: three gradients instead of six for K=3, each gradient twice
-    for the step's adjustment)."""
+    for the step's adjustment). Learnt per M-step, under that M-step's statistics: a
+    normal block's components are apart at every point, and a coupling that vanished at
+    the first point alone would be a coincidence of the numbers."""
 
     def __init__(self, evaluate) -> None:
         self.evaluate, self.sets = evaluate, None
