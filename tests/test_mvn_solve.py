@@ -89,19 +89,35 @@ def _assert_reproduces(update: MvnUpdate, u: np.ndarray, mu: np.ndarray, cov: np
     np.testing.assert_allclose(got[k * d :].reshape(k, d, d), cov, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("build", "groups"),
-    [
-        (lambda x: flat_cholesky_mixture(x, 2), 1),
-        (lambda x: _flat_cholesky_label(x, 2), 1),
-        (lambda x: lkj_mixture(x, 2), 1),
-        (lambda x: gaussian_2d_label(), None),
-    ],
-    ids=["flat-cholesky-list", "flat-cholesky-label", "lkj-cholesky-list", "sd-correlation"],
-)
-def test_the_factor_solve_lands_where_the_covariance_solve_does(build, groups):
-    x = blobs(300, 2, 2, seed=8) if groups is None else blobs(300, 2, 3)
-    _, update, u0, (mu, cov) = _setup(build(x), x)
+# name: (model builder, groups of the factor's Jacobian; None: the sd-correlation form)
+MODELS = {
+    "flat-cholesky-list": (lambda x: flat_cholesky_mixture(x, 2), 1),
+    "flat-cholesky-label": (lambda x: _flat_cholesky_label(x, 2), 1),
+    "lkj-cholesky-list": (lambda x: lkj_mixture(x, 2), 1),
+    "sd-correlation": (lambda x: gaussian_2d_label(), None),
+}
+
+
+@pytest.fixture(scope="module")
+def setups():
+    """Each model of ``MODELS`` prepared once for the module: ``(functions, update, u0,
+    (mu, cov))`` (the tests copy what they change)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            build, groups = MODELS[name]
+            x = blobs(300, 2, 2, seed=8) if groups is None else blobs(300, 2, 3)
+            cache[name] = _setup(build(x), x)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_factor_solve_lands_where_the_covariance_solve_does(setups, name):
+    groups = MODELS[name][1]
+    _, update, u0, (mu, cov) = setups(name)
     assert update.factor is not None, "the model's L @ L.mT was not found"
     if groups is not None:
         # one free value per entry of the factor: its Jacobian is one difference
@@ -126,17 +142,12 @@ def test_a_factor_that_is_not_a_cholesky_factor_falls_back_to_the_covariance():
     _assert_reproduces(update, got, mu, cov)
 
 
-@pytest.mark.parametrize(
-    "build",
-    [lambda x: flat_cholesky_mixture(x, 2), lambda x: lkj_mixture(x, 2)],
-    ids=["flat-cholesky-list", "lkj-cholesky-list"],
-)
-def test_a_factor_set_entry_by_entry_is_solved_entry_by_entry(build):
+@pytest.mark.parametrize("name", ["flat-cholesky-list", "lkj-cholesky-list"])
+def test_a_factor_set_entry_by_entry_is_solved_entry_by_entry(setups, name):
     """Free values that set the mean's and factor's entries one each (through their
     transforms): the solve divides each entry's error by its own derivative, and lands
     where the whole whitened Jacobian's Newton lands, on the weighted moments."""
-    x = blobs(300, 2, 3)
-    _, update, u0, (mu, cov) = _setup(build(x), x)
+    _, update, u0, (mu, cov) = setups(name)
     factor = update.factor
     assert factor.outputs is not None
     assert np.array_equal(np.flatnonzero(factor.pattern.any(axis=1)), np.sort(factor.outputs))
@@ -147,8 +158,7 @@ def test_a_factor_set_entry_by_entry_is_solved_entry_by_entry(build):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_a_factor_whose_entries_share_free_values_is_not_solved_entry_by_entry():
+def test_a_factor_whose_entries_share_free_values_is_not_solved_entry_by_entry(setups):
     """``L = diag(sd) chol(R)``: a standard deviation moves a whole row of ``L``."""
-    x = blobs(300, 2, 2, seed=8)
-    _, update, _, _ = _setup(gaussian_2d_label(), x)
+    _, update, _, _ = setups("sd-correlation")
     assert update.factor.outputs is None and update.outputs is None
