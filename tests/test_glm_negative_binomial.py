@@ -134,7 +134,7 @@ def test_negative_binomial_newton_reaches_the_numeric_maximiser_of_q(
         raise AssertionError("a finite-difference Hessian column was taken")
 
     with monkeypatch.context() as patch:
-        patch.setattr(newton_module, "_column", no_differences)
+        patch.setattr(newton_module, "_columns", no_differences)
         ua = m_step_from_resp(functions, exact, u0, gamma)
     ub = m_step_from_resp(functions, numeric, u0, gamma)
     assert_same_params(functions, ua, ub, rtol=2e-6, atol=1e-8)

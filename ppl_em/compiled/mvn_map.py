@@ -19,16 +19,16 @@ from ppl_em.model.mvn_spec import MvnSpec
 
 class ParamMap(NamedTuple):
     """A block's compiled ``u -> [concat(mu.ravel(), second.ravel()), label]``, the
-    label's K terms ``log p(z = k)`` where its probabilities are shared (``labelled``),
-    else an empty vector: the written rows read both from one C call (the label's terms
-    alone took 41 us on NumPy-backed Ops, the whole map 15 us in C,
-    benchmarks/README.md); the solve reads the first. Both the E-step's rows and the
-    M-step's solve call it, so fits of one prepared model in several threads take
-    turns on its storage (``lock``), as on :class:`ppl_em.compiled.functions.LazyFunction`'s.
+    label's K terms ``log p(z = k)`` where its probabilities are shared
+    (``EMFunctions.label_terms`` is not None), else an empty vector: the written rows
+    read both from one C call (the label's terms alone took 41 us on NumPy-backed Ops,
+    the whole map 15-18 us in C, benchmarks/README.md); the solve reads the first.
+    Both the E-step's rows and the M-step's solve call it, so fits of one prepared
+    model in several threads take turns on its storage (``lock``), as on
+    :class:`ppl_em.compiled.functions.LazyFunction`'s.
     """
 
     fn: Callable
-    labelled: bool
     lock: threading.Lock
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
@@ -61,5 +61,5 @@ def compile_param_map(functions: EMFunctions, spec: MvnSpec) -> tuple[np.ndarray
     label = pt.zeros(0) if shared is None else graph_replace(shared, replace, strict=False)
     outputs = [out, pt.cast(label, "float64")]
     fn = pymc_compile([flat], outputs, mode=backend_mode("c"), on_unused_input="ignore")
-    params = ParamMap(fn, shared is not None, threading.Lock())
+    params = ParamMap(fn, threading.Lock())
     return layout.mask({r.name for r in spec.rvs}), params

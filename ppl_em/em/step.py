@@ -142,8 +142,8 @@ def _fixed_terms(functions: EMFunctions, u: np.ndarray) -> tuple[float, float | 
     """``(extra, logprior)`` at ``u`` (:attr:`EMFunctions.fixed`), the log prior None
     where the objective does not read it: in ``mode="mle"`` with every observed
     variable depending on the label, neither term enters the objective, and the call
-    (a NumPy-backed graph of some 20 Ops) took 5 % of an iteration of a D=4 mixture at
-    N=10^4 (benchmarks/README.md)."""
+    (a NumPy-backed graph of 24 Ops, 64-116 us) took 5-8 % of an iteration of a D=4
+    mixture at N=10^4 (benchmarks/README.md)."""
     if functions.mode == "mle" and not functions.graph.other_observed:
         return 0.0, None
     extra, logprior = functions.fixed(u, *functions.fixed_data)

@@ -32,7 +32,6 @@ import numpy as np
 from numba import njit
 
 from ppl_em.compiled.functions import EMFunctions
-from ppl_em.compiled.mvn_map import ParamMap
 from ppl_em.steps.cores import halves, run_split, usable_cores
 from ppl_em.steps.mvn_solve import MvnUpdate
 from ppl_em.steps.row_check import agrees_on_sample, probe_point
@@ -151,15 +150,6 @@ class WrittenMvnRows:
             return list(out)
 
 
-def _values(functions: EMFunctions, update: MvnUpdate) -> Callable:
-    """``u -> (params(u), log p(z = k))`` for the rows: one C call where the block's map
-    carries the label's terms (:class:`ppl_em.compiled.mvn_map.ParamMap`)."""
-    mapped = (update if update.factor is None else update.factor).params
-    if isinstance(mapped, ParamMap) and mapped.labelled:
-        return mapped.with_label
-    return lambda u: (mapped(u), functions.label_terms(u))
-
-
 def with_written_mvn_rows(
     functions: EMFunctions, updates: tuple[MvnUpdate, ...], specs, u: np.ndarray
 ) -> EMFunctions:
@@ -175,8 +165,10 @@ def with_written_mvn_rows(
         return functions
     position = names.index(x_name)
     k, d = functions.graph.n_components, functions.data[position].shape[-1]
-    rows = WrittenMvnRows(functions.rows, _values(functions, updates[0]), updates[0], position,
-                          k, d)  # fmt: skip
+    # The block's map carries the label's terms where they are shared, as checked above
+    # (ppl_em.compiled.mvn_map.ParamMap): one C call gives the rows both.
+    mapped = (updates[0] if updates[0].factor is None else updates[0].factor).params
+    rows = WrittenMvnRows(functions.rows, mapped.with_label, updates[0], position, k, d)
     probe = probe_point(u)
     # Where the written rows would hand the call to the graph's, the check proves nothing.
     if rows._whitening(probe) is None or not agrees_on_sample(functions, rows, probe, False):

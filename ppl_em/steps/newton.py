@@ -54,35 +54,10 @@ class NewtonResult(NamedTuple):
     final: tuple[float, np.ndarray, float] | None = None
 
 
-def _column(evaluate, x: np.ndarray, grad: np.ndarray, i: int) -> np.ndarray:
-    """``dgrad / dx_i`` by a forward difference of about 1e-4 standard errors of ``x_i``
-    (``1e-4 / sqrt(|d2Q/dx_i^2|)``): a step fixed in ``x``'s units would be far too long
-    for a mean measured in units of 1e-8, and the cross-derivatives would be wrong. The
-    step starts at ``1e-5 * max(1, |x_i|)``, grows until the gradient's change stands
-    clear of its rounding, shrinks where Q is not finite, and is then set to that size."""
-    step, settled = 1e-5 * max(1.0, abs(x[i])), False
-    for _ in range(10):
-        moved = x.copy()
-        moved[i] += step
-        q, grad_i = evaluate(moved)
-        if not np.isfinite(q):
-            step /= 1e3
-            continue
-        change = grad_i - grad
-        if not abs(change[i]) > 1e-8 * abs(grad[i]):
-            step *= 1e3
-            continue
-        ideal = 1e-4 / np.sqrt(abs(change[i]) / step)
-        if settled or ideal >= 0.1 * step:
-            return change / step
-        step, settled = ideal, True
-    return np.zeros_like(grad)
-
-
 def hessian(evaluate, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Q's Hessian at ``x``, symmetrised, from ``evaluate(x) -> (Q, grad)``."""
-    h = np.stack([_column(evaluate, x, grad, i) for i in range(x.size)], axis=1)
-    return 0.5 * (h + h.T)
+    """Q's Hessian at ``x``, symmetrised, from ``evaluate(x) -> (Q, grad)``: every
+    variable differenced on its own (one set of all of them, :func:`grouped_hessian`)."""
+    return grouped_hessian(evaluate, x, grad, [np.arange(x.size)])
 
 
 def interacting(h: np.ndarray) -> list[np.ndarray]:
@@ -105,11 +80,11 @@ def interacting(h: np.ndarray) -> list[np.ndarray]:
 
 
 def grouped_hessian(evaluate, x: np.ndarray, grad: np.ndarray, sets) -> np.ndarray:
-    """:func:`hessian` where the variables fall into ``sets`` that do not interact
+    """Q's Hessian where the variables fall into ``sets`` that do not interact
     (:func:`interacting`): the j-th variable of every set is differenced at once, each
     column read on its own set's rows, so a Hessian costs as many gradients as the
-    largest set has variables, times the steps' adjustments (:func:`_column`'s, per
-    variable) instead of as many as there are variables."""
+    largest set has variables (times the steps' adjustments, :func:`_columns`) instead
+    of as many as there are variables."""
     h = np.zeros((x.size, x.size))
     for j in range(max(len(members) for members in sets)):
         group = [members for members in sets if len(members) > j]
@@ -119,10 +94,14 @@ def grouped_hessian(evaluate, x: np.ndarray, grad: np.ndarray, sets) -> np.ndarr
 
 
 def _columns(evaluate, x: np.ndarray, grad: np.ndarray, group, j: int) -> list[np.ndarray]:
-    """:func:`_column` of each set's j-th variable, read on the set's rows: the sets'
-    gradients do not move each other's, so each variable's step is adjusted as
-    :func:`_column` adjusts it while all still unsettled move at once (a Q that is not
-    finite shrinks all their steps)."""
+    """``dgrad / dx_i`` for each set's j-th variable ``i``, read on the set's rows, by a
+    forward difference of about 1e-4 standard errors of ``x_i`` (``1e-4 /
+    sqrt(|d2Q/dx_i^2|)``): a step fixed in ``x``'s units would be far too long for a
+    mean measured in units of 1e-8, and the cross-derivatives would be wrong. Each step
+    starts at ``1e-5 * max(1, |x_i|)``, grows until the gradient's change stands clear
+    of its rounding, shrinks where Q is not finite, and is then set to that size. The
+    sets' gradients do not move each other's, so all variables still unsettled move at
+    once (a Q that is not finite shrinks all their steps)."""
     index = np.array([members[j] for members in group])
     step = 1e-5 * np.maximum(1.0, np.abs(x[index]))
     settled = np.zeros(index.size, dtype=bool)
@@ -159,7 +138,8 @@ def partial_hessian(evaluate, x, grad, known: np.ndarray, exact: np.ndarray) -> 
     h = np.array(exact, dtype=float)
     others = np.flatnonzero(~known)
     if others.size:
-        cols = np.stack([_column(evaluate, x, grad, i) for i in others], axis=1)
+        whole = [np.arange(x.size)]
+        cols = np.stack([_columns(evaluate, x, grad, whole, i)[0] for i in others], axis=1)
         h[:, others], h[others, :] = cols, cols.T
         block = cols[others]
         h[np.ix_(others, others)] = 0.5 * (block + block.T)

@@ -79,8 +79,8 @@ def _centred_sums(batches, block: Block, names, centre: np.ndarray):
 class _Curvature:
     """Q's Hessian for one M-step: the first in full (:func:`hessian`), the rest with the
     variables it shows apart differenced together (:func:`grouped_hessian`; a normal
-    block's components: three gradients instead of six for K=3, each gradient twice
-    for the step's adjustment). Learnt per M-step, under that M-step's statistics: a
+    block's K components of two variables each: two gradients instead of 2K, each
+    about twice for the step's adjustment). Learnt per M-step, under that M-step's statistics: a
     normal block's components are apart at every point, and a coupling that vanished at
     the first point alone would be a coincidence of the numbers."""
 
@@ -102,18 +102,15 @@ def statistics_update(sq: StatsQ, u: np.ndarray, arrays) -> np.ndarray | None:
     def evaluate(x):
         return sq.q(x, *arrays)
 
-    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0, curvature=_Curvature(evaluate))
+    curvature = _Curvature(evaluate)
+    found = newton_maximise(evaluate, evaluate, u[sq.index], 0.0, curvature=curvature)
     # Where Newton stopped before moving, its last Hessian was taken at the result: the
-    # same decrement, without the 1 + 2p evaluations of Q a new one costs.
-    if found.final is None:
-        q, grad = evaluate(found.values)
-        decrement = None
-    else:
-        q, grad, decrement = found.final
+    # same decrement, without the evaluations of Q a new Hessian costs.
+    q, grad, decrement = found.final or (*evaluate(found.values), None)
     if not (np.isfinite(q) and np.all(np.isfinite(grad))):
         return None
     if decrement is None:
-        _, decrement = newton_direction(hessian(evaluate, found.values, grad), grad)
+        decrement = newton_direction(curvature(found.values, grad), grad)[1]
     if decrement > DECREMENT_TOL:
         return None
     out = u.copy()
