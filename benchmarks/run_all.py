@@ -12,6 +12,7 @@ import time
 
 from benchmarks import (
     bench_bigdata,
+    bench_compile,
     bench_gradients,
     bench_pymc,
     bench_regression,
@@ -27,7 +28,8 @@ from benchmarks._common import REPORTS
 def main() -> None:
     quick = "--quick" in sys.argv
     modules = (bench_startup, bench_sklearn, bench_pymc, bench_regression, bench_starts,
-               bench_stderr, bench_bigdata, bench_gradients, bench_workflow)  # fmt: skip
+               bench_stderr, bench_bigdata, bench_gradients, bench_compile,
+               bench_workflow)  # fmt: skip
     for module in modules:
         t0 = time.perf_counter()
         print(f"== {module.__name__}", flush=True)

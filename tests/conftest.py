@@ -6,6 +6,11 @@ if "gcc__cxxflags" not in os.environ["PYTENSOR_FLAGS"]:
     # Without debug information: gcc generates the same code (-g never changes it), and
     # each of the suite's ~500 C modules compiles about 10% faster (benchmarks/README.md).
     os.environ["PYTENSOR_FLAGS"] += ",gcc__cxxflags=-g0"
+if "traceback__limit" not in os.environ["PYTENSOR_FLAGS"]:
+    # No creation traceback kept on each graph variable the suite builds (it only
+    # annotates PyTensor's error messages): reading eight stack frames per variable
+    # made three compile-heavy test files 5.5 % slower (benchmarks/README.md).
+    os.environ["PYTENSOR_FLAGS"] += ",traceback__limit=0"
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER and "compiledir_format" not in os.environ["PYTENSOR_FLAGS"]:
     # PyTensor lets one process at a time compile into a compile directory (a file
@@ -73,4 +78,7 @@ def numpy_ops():
     shares no code with what it checks.
     """
     linker = VMLinker(use_cloop=False, c_thunks=False)
-    return pytensor.config.change_flags(mode=Mode(linker, "fast_run").excluding("fusion"))
+    # As ppl_em's numpy_mode: in-place rewrites only save allocations, and checking
+    # them against the graph costs compilation (benchmarks/README.md).
+    mode = Mode(linker, "fast_run").excluding("fusion", "inplace")
+    return pytensor.config.change_flags(mode=mode)

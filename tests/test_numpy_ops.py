@@ -17,7 +17,7 @@ from pytensor.link.vm import VMLinker
 from pytensor.scalar import Add, Mul
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.compiled.numpy_ops import TAG, numpy_mode
+from ppl_em.compiled.numpy_ops import TAG, NumpyLinker, numpy_mode
 from tests.conftest import numpy_ops
 
 
@@ -83,12 +83,15 @@ def test_a_mixture_gradient_has_no_variadic_node_and_keeps_its_values():
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10, atol=1e-10)
 
 
-def _pytensors_thunks() -> Mode:
-    return (
-        Mode(VMLinker(use_cloop=False, c_thunks=False), "fast_run")
-        .excluding("fusion")
-        .including(TAG)
-    )
+def _rewrites(linker, inplace: bool) -> Mode:
+    """``numpy_mode``'s rewrites on ``linker``; with ``inplace``, PyTensor's in-place
+    ones too (a graph whose nodes write into their inputs)."""
+    excluded = ("fusion",) if inplace else ("fusion", "inplace")
+    return Mode(linker, "fast_run").excluding(*excluded).including(TAG)
+
+
+def _pytensors_thunks(inplace: bool = False) -> Mode:
+    return _rewrites(VMLinker(use_cloop=False, c_thunks=False), inplace)
 
 
 def _ufunc_nodes(fn) -> list:
@@ -120,18 +123,22 @@ def _expected(x, i, y, b, s):
                 np.where(b, x, -x), i.astype(float) * 0.5, ((x + 1.0) * 2.0 - x) / 3.0]  # fmt: skip
 
 
-def test_each_elementwise_node_is_its_ufunc_call_with_the_same_bits():
-    """Elementwise nodes run as one NumPy call each (in place where PyTensor's rewrites
-    put them in place), with the values of PyTensor's ``Elemwise.perform`` on the same
-    graph bit for bit and NumPy's; NumPy's floating-point warnings stay silent during
-    the call, as C's are, and its error state is the caller's after it."""
+@pytest.mark.parametrize("inplace", [False, True], ids=["numpy_mode", "in-place"])
+def test_each_elementwise_node_is_its_ufunc_call_with_the_same_bits(inplace):
+    """Elementwise nodes run as one NumPy call each (in place where the graph's nodes
+    are: numpy_mode makes none so, PyTensor's in-place rewrites some), with the values
+    of PyTensor's ``Elemwise.perform`` on the same graph bit for bit and NumPy's;
+    NumPy's floating-point warnings stay silent during the call, as C's are, and its
+    error state is the caller's after it."""
     inputs, outputs, values = _elementwise_graph()
-    fast = pytensor.function(inputs, outputs, mode=numpy_mode())
+    mode = _rewrites(NumpyLinker(use_cloop=False, c_thunks=False), True) if inplace else None
+    fast = pytensor.function(inputs, outputs, mode=mode or numpy_mode())
     # The same rewrites, PyTensor's own thunks.
-    plain = pytensor.function(inputs, outputs, mode=_pytensors_thunks())
+    plain = pytensor.function(inputs, outputs, mode=_pytensors_thunks(inplace))
     assert [n.op for n in fast.vm.nodes] == [n.op for n in plain.vm.nodes]
     ufunc_nodes = _ufunc_nodes(fast)
-    assert len(ufunc_nodes) >= 8 and any(n.op.destroy_map for n in ufunc_nodes)
+    assert len(ufunc_nodes) >= 8
+    assert any(n.op.destroy_map for n in ufunc_nodes) == inplace
     assert len(ufunc_nodes) < len(fast.vm.nodes) and not _ufunc_nodes(plain)
     state = np.geterr()
     with warnings.catch_warnings():

@@ -5,6 +5,7 @@ processes."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pymc as pm
@@ -66,6 +67,31 @@ def test_numpy_mode_compiles_without_c_and_restores_the_default():
     assert pytensor.config.mode == default
     with reference_modes.numpy_mode("pymc"):
         assert pytensor.config.mode == default
+
+
+def test_find_map_from_two_starts_compiles_its_logp_and_gradient_once_and_stops_where_it_did():
+    """Inside ``compiled_once`` a second find_MAP reuses the first one's compiled logp
+    and gradient (the same objects), and stops where find_MAP stops outside it, to the
+    last bit; afterwards the model compiles afresh, through its own methods again."""
+    model = _poisson_mixture()
+    marg = marginal_model(model, ppl_em.fit(model, progressbar=False))
+    start = {"w": np.array([0.3, 0.7]), "lam": np.array([1.5, 8.0])}
+    outside = [pm.find_MAP(start=s, model=marg, progressbar=False) for s in (start, None)]
+    made = []
+    for name in reference_modes.COMPILERS:  # count what is compiled
+        original = getattr(marg, name)
+        setattr(marg, name, lambda *a, _f=original, _n=name, **k: made.append(_n) or _f(*a, **k))
+    with reference_modes.compiled_once(marg):
+        inside = [pm.find_MAP(start=s, model=marg, progressbar=False) for s in (start, None)]
+        logp = marg.compile_logp(jacobian=False)
+        counts = Counter(made)
+        assert marg.compile_logp(jacobian=True) is not logp
+    assert counts["compile_logp"] == counts["compile_dlogp"] == 1
+    for got, want in zip(inside, outside, strict=True):
+        for name in ("w", "lam", "lam_log__"):
+            np.testing.assert_array_equal(got[name], want[name])
+    made.clear()
+    assert marg.compile_logp(jacobian=False) is not logp and "compile_logp" in made
 
 
 def test_fast_nuts_samples_chains_in_parallel_processes():

@@ -27,6 +27,7 @@ from ppl_em.fit import fit
 from ppl_em.inference.reference_modes import (
     chain_processes,
     check_modes,
+    compiled_once,
     numpy_mode,
     sample_nuts,
 )
@@ -135,8 +136,9 @@ def _find_map(model: pm.Model, names, start: dict | None) -> tuple[dict, float]:
 def _find_maps(marg: pm.Model, em: EMResult, notes: list):
     """find_MAP from the EM estimate and from PyMC's default start, and what to say."""
     names = list(em.params)
-    map_em, logp_em = _find_map(marg, names, dict(em.params))
-    map_def, logp_def = _find_map(marg, names, None)
+    with compiled_once(marg):
+        map_em, logp_em = _find_map(marg, names, dict(em.params))
+        map_def, logp_def = _find_map(marg, names, None)
     if abs(logp_em - em.log_posterior) > 1e-5 * max(1.0, abs(em.log_posterior)):
         notes.append(
             f"find_MAP from the EM estimate moved: log posterior {logp_em:.8g} vs EM "

@@ -55,6 +55,54 @@ def numpy_mode(reference_modes: str):
     return contextlib.nullcontext()
 
 
+COMPILERS = ("compile_logp", "compile_dlogp", "compile_fn")
+
+
+def _key(value):
+    """``value`` as a dictionary key (lists of variables as tuples); None where it has
+    no such form."""
+    if isinstance(value, list | tuple):
+        parts = tuple(_key(v) for v in value)
+        return None if None in parts else parts
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return value
+
+
+@contextlib.contextmanager
+def compiled_once(model: pm.Model):
+    """Within: ``model``'s ``compile_logp``, ``compile_dlogp`` and ``compile_fn`` give
+    the function they compiled before for the same arguments (and mode). PyMC compiles
+    them afresh at every ``find_MAP``, and find_MAP from two starts plus the log
+    posterior at each optimum compiled the same three graphs two to three times: on
+    the seed models almost all of find_MAP's time (benchmarks/README.md)."""
+    own = {name: vars(model)[name] for name in COMPILERS if name in vars(model)}
+    for name in COMPILERS:
+        setattr(model, name, _memoised(getattr(model, name)))
+    try:
+        yield model
+    finally:
+        for name in COMPILERS:
+            vars(model).pop(name)
+        vars(model).update(own)
+
+
+def _memoised(compile_):
+    cache = {}
+
+    def compiled(*args, **kwargs):
+        key = _key((args, sorted(kwargs.items()), pytensor.config.mode))
+        if key is None:
+            return compile_(*args, **kwargs)
+        if key not in cache:
+            cache[key] = compile_(*args, **kwargs)
+        return cache[key]
+
+    return compiled
+
+
 def has_linalg(model: pm.Model) -> bool:
     """Whether ``model``'s logp factorises or solves matrices (a linear-algebra Op,
     batched or not)."""
