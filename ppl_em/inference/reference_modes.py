@@ -59,15 +59,11 @@ COMPILERS = ("compile_logp", "compile_dlogp", "compile_fn")
 
 
 def _key(value):
-    """``value`` as a dictionary key (lists of variables as tuples); None where it has
-    no such form."""
+    """``value`` as a dictionary key (lists of variables as tuples); TypeError where it
+    has no such form."""
     if isinstance(value, list | tuple):
-        parts = tuple(_key(v) for v in value)
-        return None if None in parts else parts
-    try:
-        hash(value)
-    except TypeError:
-        return None
+        return tuple(_key(v) for v in value)
+    hash(value)
     return value
 
 
@@ -75,9 +71,11 @@ def _key(value):
 def compiled_once(model: pm.Model):
     """Within: ``model``'s ``compile_logp``, ``compile_dlogp`` and ``compile_fn`` give
     the function they compiled before for the same arguments (and mode). PyMC compiles
-    them afresh at every ``find_MAP``, and find_MAP from two starts plus the log
-    posterior at each optimum compiled the same three graphs two to three times: on
-    the seed models almost all of find_MAP's time (benchmarks/README.md)."""
+    afresh at every ``find_MAP``: from two starts, with the log posterior read at each
+    optimum, it compiled the log posterior four times and its gradient twice, almost
+    all of find_MAP's time on the seed models (benchmarks/README.md). Graphs PyMC
+    builds anew at each call (its check of the start, its outputs) still compile
+    each time."""
     own = {name: vars(model)[name] for name in COMPILERS if name in vars(model)}
     for name in COMPILERS:
         setattr(model, name, _memoised(getattr(model, name)))
@@ -93,8 +91,9 @@ def _memoised(compile_):
     cache = {}
 
     def compiled(*args, **kwargs):
-        key = _key((args, sorted(kwargs.items()), pytensor.config.mode))
-        if key is None:
+        try:
+            key = _key((args, sorted(kwargs.items()), pytensor.config.mode))
+        except TypeError:  # an argument with no key: compiled as PyMC would
             return compile_(*args, **kwargs)
         if key not in cache:
             cache[key] = compile_(*args, **kwargs)
