@@ -213,7 +213,8 @@ def numpy_mode() -> Mode:
 
     In-place rewrites save an allocation per node but check every candidate against
     the whole graph (PyTensor's destroy handler). Without them three compile-heavy test
-    files ran 14 % faster, the seed models' ``prepare`` and ``fit`` up to 1.4x, and no
-    call was slower, at N=10^5 included (benchmarks/README.md)."""
+    files ran 14 % faster; with them, a seed model's ``fit`` (compilation included) took
+    0.9-1.4 times as long, and a call, at N=10^5 too, was at most 10 % faster
+    (benchmarks/README.md)."""
     linker = NumpyLinker(use_cloop=False, c_thunks=False)
     return Mode(linker, "fast_run").excluding("fusion", "inplace").including(TAG)
