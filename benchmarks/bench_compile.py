@@ -20,13 +20,12 @@ import warnings
 
 import numpy as np
 import pytensor
-from pytensor.compile.mode import Mode
 
 import ppl_em
 from benchmarks._common import markdown_table, write_report
 from models import MODELS
 from ppl_em.compiled import functions as compiled_functions
-from ppl_em.compiled.numpy_ops import TAG, NumpyLinker, numpy_mode
+from ppl_em.compiled.numpy_ops import numpy_mode
 from ppl_em.inference.crosscheck import marginal_model
 
 REPEAT = 3
@@ -34,14 +33,7 @@ CALLS = 200
 SEED_MODELS = ("coin", "exponential", "gaussian_1d", "poisson_counts", "regression_mixture")
 
 
-def _with_inplace():
-    """numpy_mode's rewrites plus PyTensor's in-place ones (``including`` cannot undo
-    an ``excluding``, so the mode is rebuilt)."""
-    linker = NumpyLinker(use_cloop=False, c_thunks=False)
-    return Mode(linker, "fast_run").excluding("fusion").including(TAG)
-
-
-RULES = {"in-place": _with_inplace, "without": numpy_mode}
+RULES = {"in-place": functools.partial(numpy_mode, inplace=True), "without": numpy_mode}
 
 
 def _least(fn, repeat: int = REPEAT) -> tuple[float, object]:

@@ -17,7 +17,7 @@ from pytensor.link.vm import VMLinker
 from pytensor.scalar import Add, Mul
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.compiled.numpy_ops import TAG, NumpyLinker, numpy_mode
+from ppl_em.compiled.numpy_ops import TAG, numpy_mode
 from tests.conftest import numpy_ops
 
 
@@ -83,15 +83,12 @@ def test_a_mixture_gradient_has_no_variadic_node_and_keeps_its_values():
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10, atol=1e-10)
 
 
-def _rewrites(linker, inplace: bool) -> Mode:
-    """``numpy_mode``'s rewrites on ``linker``; with ``inplace``, PyTensor's in-place
-    ones too (a graph whose nodes write into their inputs)."""
-    excluded = ("fusion",) if inplace else ("fusion", "inplace")
-    return Mode(linker, "fast_run").excluding(*excluded).including(TAG)
-
-
 def _pytensors_thunks(inplace: bool = False) -> Mode:
-    return _rewrites(VMLinker(use_cloop=False, c_thunks=False), inplace)
+    """``numpy_mode``'s rewrites (with ``inplace``, PyTensor's in-place ones too) on
+    PyTensor's own thunks."""
+    excluded = ("fusion",) if inplace else ("fusion", "inplace")
+    linker = VMLinker(use_cloop=False, c_thunks=False)
+    return Mode(linker, "fast_run").excluding(*excluded).including(TAG)
 
 
 def _ufunc_nodes(fn) -> list:
@@ -131,8 +128,7 @@ def test_each_elementwise_node_is_its_ufunc_call_with_the_same_bits(inplace):
     NumPy's floating-point warnings stay silent during the call, as C's are, and its
     error state is the caller's after it."""
     inputs, outputs, values = _elementwise_graph()
-    mode = _rewrites(NumpyLinker(use_cloop=False, c_thunks=False), True) if inplace else None
-    fast = pytensor.function(inputs, outputs, mode=mode or numpy_mode())
+    fast = pytensor.function(inputs, outputs, mode=numpy_mode(inplace))
     # The same rewrites, PyTensor's own thunks.
     plain = pytensor.function(inputs, outputs, mode=_pytensors_thunks(inplace))
     assert [n.op for n in fast.vm.nodes] == [n.op for n in plain.vm.nodes]

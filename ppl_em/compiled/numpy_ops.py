@@ -206,15 +206,17 @@ if NAME not in optdb:
     optdb.register(NAME, in2out(binary_elemwise, name=NAME), TAG, position=POSITION)
 
 
-def numpy_mode() -> Mode:
-    """Every Op's NumPy implementation, with PyTensor's rewrites except fusion and the
-    in-place ones, variadic elementwise nodes split into ufunc-sized ones, and each
-    elementwise node a call of its ufunc (:class:`NumpyLinker`).
+def numpy_mode(inplace: bool = False) -> Mode:
+    """Every Op's NumPy implementation, with PyTensor's rewrites except fusion and (but
+    with ``inplace``) the in-place ones, variadic elementwise nodes split into
+    ufunc-sized ones, and each elementwise node a call of its ufunc
+    (:class:`NumpyLinker`).
 
     In-place rewrites save an allocation per node but check every candidate against
     the whole graph (PyTensor's destroy handler). Without them three compile-heavy test
     files ran 14 % faster; with them, a seed model's ``fit`` (compilation included) took
-    0.9-1.4 times as long, and a call, at N=10^5 too, was at most 10 % faster
-    (benchmarks/README.md)."""
+    0.76-1.39 times as long in two runs, and a call, at N=10^5 too, was at most 10 %
+    faster (benchmarks/README.md, ``benchmarks/bench_compile.py``)."""
     linker = NumpyLinker(use_cloop=False, c_thunks=False)
-    return Mode(linker, "fast_run").excluding("fusion", "inplace").including(TAG)
+    excluded = ("fusion",) if inplace else ("fusion", "inplace")
+    return Mode(linker, "fast_run").excluding(*excluded).including(TAG)
