@@ -33,7 +33,7 @@ from ppl_em.steps.mvn_moments import (
 )
 from ppl_em.steps.mvn_solve import MvnUpdate, compile_update, solve_params
 from ppl_em.steps.newton import DECREMENT_TOL
-from ppl_em.steps.numeric import maximise_q
+from ppl_em.steps.numeric import Stopping, compiled_q, maximise_q
 from ppl_em.steps.stats import DataChunk, Stats, stats_from_resp
 from ppl_em.steps.stats_newton import block_statistics, statistics_update
 
@@ -206,9 +206,9 @@ def numeric_step(functions: EMFunctions, config: MStepConfig, u: np.ndarray, bat
             full[mask] = sub
             return coefficients, glm_hessian(config.glm, full, mask, batches)
 
-    found = maximise_q(functions, u, mask, batches, config.grad_reduction, config.maxiter,
-                       config.gtol, exact, config.decrement_tol, _q_over(functions, config,
-                       batches))  # fmt: skip
+    q = _q_over(functions, config, batches) or compiled_q(functions, batches)
+    stopping = Stopping(config.grad_reduction, config.maxiter, config.gtol, config.decrement_tol)
+    found = maximise_q(q, u, mask, stopping, exact)
     out = u.copy()
     out[mask] = found.values
     return out

@@ -128,34 +128,38 @@ def _lbfgs_round(evaluate, start, grad0, grad_reduction, maxiter, gtol) -> float
     return start_norm
 
 
-def maximise_q(
-    functions: EMFunctions,
-    u: np.ndarray,
-    mask: np.ndarray,
-    batches,
-    grad_reduction: float,
-    maxiter: int = 500,
-    gtol: float = 1e-10,
-    exact=None,
-    decrement_tol: float = DECREMENT_TOL,
-    q=None,
-) -> NumericResult:
-    """Increase Q over ``u[mask]`` from ``u``: stop once the scaled gradient has shrunk
-    by ``grad_reduction`` (a generalised step) or, for 0, at Q's maximiser.
+class Stopping(NamedTuple):
+    """When the numeric M-step stops (:func:`maximise_q`)."""
+
+    grad_reduction: float
+    maxiter: int = 500
+    gtol: float = 1e-10
+    decrement_tol: float = DECREMENT_TOL
+
+
+def compiled_q(functions: EMFunctions, batches):
+    """``q(u) -> (Q, dQ/du)``: the compiled Q summed over ``batches()``."""
+
+    def q(full: np.ndarray):
+        return q_and_grad(functions, full, batches())
+
+    return q
+
+
+def maximise_q(q, u: np.ndarray, mask: np.ndarray, stopping: Stopping,
+               exact=None) -> NumericResult:  # fmt: skip
+    """Increase ``q(u) -> (Q, dQ/du)`` over ``u[mask]`` from ``u``: stop once the scaled
+    gradient has shrunk by ``stopping.grad_reduction`` (a generalised step) or, for 0,
+    at Q's maximiser.
 
     Blocks of at most ``NEWTON_MAX`` variables take damped Newton steps
-    (:mod:`ppl_em.steps.newton`; for 0, until the decrement is below ``decrement_tol``
-    standard errors), with the Hessian's entries among the variables
-    ``exact(sub) -> (known, entries)`` knows exact and the rest from differences; larger
-    ones L-BFGS runs, each in coordinates scaled by the curvature where the last one
-    ended, while Q still rises. ``q(u) -> (Q, dQ/du)``: Q written out
-    (:mod:`ppl_em.steps.glm_q`); by default the compiled Q summed over ``batches``.
+    (:mod:`ppl_em.steps.newton`; for 0, until the decrement is below
+    ``stopping.decrement_tol`` standard errors), with the Hessian's entries among the
+    variables ``exact(sub) -> (known, entries)`` knows exact and the rest from
+    differences; larger ones L-BFGS runs, each in coordinates scaled by the curvature
+    where the last one ended, while Q still rises.
     """
-    if q is None:
-
-        def q(full: np.ndarray):
-            return q_and_grad(functions, full, batches())
-
+    grad_reduction, maxiter, gtol, decrement_tol = stopping
     evaluate = _Tracked(q, u, mask)
     start = u[mask]
     if start.size <= NEWTON_MAX:
@@ -170,15 +174,15 @@ def maximise_q(
         return NumericResult(found.values, found.moved, found.start_decrement)
     q0, grad = evaluate(start)
     start_norm = None
-    x, q = start, q0
+    x, best = start, q0
     for _ in range(1 if grad_reduction > 0 else ROUNDS):
         norm = _lbfgs_round(evaluate, x, grad, grad_reduction, maxiter, gtol)
         start_norm = norm if start_norm is None else start_norm
-        if evaluate.best_x is None or evaluate.best_q <= q:
+        if evaluate.best_x is None or evaluate.best_q <= best:
             break
-        x, q = evaluate.best_x, evaluate.best_q
+        x, best = evaluate.best_x, evaluate.best_q
         _, grad = evaluate(x)
-    moved = q > q0
+    moved = best > q0
     return NumericResult(x if moved else start, moved, start_norm)
 
 
