@@ -173,7 +173,7 @@ def test_not_written_where_they_do_not_apply():
         z = pm.Categorical("z", p=probs, shape=x.shape[0])
         pm.MvNormal("x", mu=mu[z], chol=_factors(sd, off)[z], observed=x)
     functions, config = ppl_em.prepare(model, mode="mle")
-    assert config.mvn and functions.label_terms is None
+    assert config.mvn and not functions.shared_label
     assert not isinstance(functions.rows, WrittenMvnRows)
     u = _off_optimum(functions, config)
     p = dict(zip(functions.layout.rv_names, functions.constrain(u), strict=True))

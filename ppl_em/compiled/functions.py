@@ -56,8 +56,9 @@ class EMFunctions(NamedTuple):
     - ``blas``: the process's BLAS thread pools, which the E-step limits to one thread.
     - ``weights``, ``labels``: a weight per observation (it counts that many times) and
       the known labels (-1 where unknown), or None; one per label (``graph.n_obs``).
-    - ``label_terms(u) -> [log p(z = k) for k]`` where the label's probabilities are
-      shared by all observations, else None.
+    - ``shared_label``: whether the label's probabilities are shared by all
+      observations (:func:`ppl_em.model.joint.shared_label_terms`), as a written row
+      needs (:mod:`ppl_em.steps.mvn_rows`, whose parameter map computes them).
     """
 
     graph: MixtureGraph
@@ -76,7 +77,7 @@ class EMFunctions(NamedTuple):
     blas: ThreadpoolController
     weights: np.ndarray | None = None
     labels: np.ndarray | None = None
-    label_terms: Callable | None = None
+    shared_label: bool = False
 
     @property
     def data_names(self) -> tuple[str, ...]:
@@ -374,11 +375,6 @@ def build_em_functions(
     q_graph = DeferredGraph(partial(_q_graph, rows, extra, logprior, mode, flat, k, q_data))
     constrained, param_inputs, forward = transform_graphs(graph, replace)
     data, fixed_data = data_arrays(spec)
-    shared = shared_label_terms(graph)
-    if shared is not None:
-        shared = LazyFunction(
-            [flat], pt.cast(graph_replace(shared, replace, strict=False), "float64"), tiny
-        )
     return EMFunctions(
         graph=graph,
         mode=mode,
@@ -404,7 +400,7 @@ def build_em_functions(
         compiled_rows=rows_backend != "python",
         # Created here, after NumPy's and SciPy's BLAS libraries are loaded.
         blas=ThreadpoolController(),
-        label_terms=shared,
+        shared_label=shared_label_terms(graph) is not None,
     )
 
 

@@ -20,7 +20,7 @@ from ppl_em.model.mvn_spec import MvnSpec
 class ParamMap(NamedTuple):
     """A block's compiled ``u -> [concat(mu.ravel(), second.ravel()), label]``, the
     label's K terms ``log p(z = k)`` where its probabilities are shared
-    (``EMFunctions.label_terms`` is not None), else an empty vector: the written rows
+    (``EMFunctions.shared_label``), else an empty vector: the written rows
     read both from one C call (the label's terms alone took 41 us on NumPy-backed Ops,
     the whole map 15-18 us in C, benchmarks/README.md); the solve reads the first.
     Both the E-step's rows and the M-step's solve call it, so fits of one prepared
@@ -57,7 +57,7 @@ def compile_param_map(functions: EMFunctions, spec: MvnSpec) -> tuple[np.ndarray
     second = spec.cov if spec.factor is None else spec.factor
     mu, cov = graph_replace([spec.mu, second], replace, strict=False)
     out = pt.concatenate([pt.cast(mu, "float64").ravel(), pt.cast(cov, "float64").ravel()])
-    shared = shared_label_terms(graph) if functions.label_terms is not None else None
+    shared = shared_label_terms(graph) if functions.shared_label else None
     label = pt.zeros(0) if shared is None else graph_replace(shared, replace, strict=False)
     outputs = [out, pt.cast(label, "float64")]
     fn = pymc_compile([flat], outputs, mode=backend_mode("c"), on_unused_input="ignore")

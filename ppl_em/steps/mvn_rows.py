@@ -10,8 +10,8 @@ shared by all observations, the joint's row of component k is
 ``L_k`` the Cholesky factor of ``Sigma_k``. ``(mu_k, L_k)`` come from the block's
 compiled parameter map (:class:`ppl_em.steps.mvn_solve.MvnUpdate`, 12-19 us a call),
 which also gives ``log p(z = k)`` from the model's graph in the same C call
-(:class:`ppl_em.compiled.mvn_map.ParamMap`; 41 us a call on NumPy-backed Ops as
-``EMFunctions.label_terms``). The quadratic forms are one numba loop over blocks of
+(:class:`ppl_em.compiled.mvn_map.ParamMap`; alone, on NumPy-backed Ops, those terms
+took 41 us a call). The quadratic forms are one numba loop over blocks of
 observations, vectorised along the block: at D=4, K=3, N=10^4 the rows compiled from
 the graph took 0.26-0.60 ms (C or NumPy-backed Ops), this loop some 70 us
 (benchmarks/README.md).
@@ -159,7 +159,7 @@ def with_written_mvn_rows(
     ``u`` (:func:`ppl_em.steps.row_check.agrees_on_sample`, with no constant allowed
     between them); else ``functions`` unchanged."""
     names, x_name = functions.spec.names, specs[0].data_name if len(specs) == 1 else None
-    if x_name not in names or specs[0].missing or functions.label_terms is None:
+    if x_name not in names or specs[0].missing or not functions.shared_label:
         return functions
     if len(functions.graph.dependents) != 1:
         return functions
