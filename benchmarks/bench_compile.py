@@ -2,8 +2,8 @@
 
 ``ppl_em.compiled.numpy_ops.numpy_mode`` (ppl_em's functions under ``backend="auto"``
 until C pays, and ``compare``'s find_MAP and NUTS in ``reference_modes="fast"``)
-excludes the in-place rewrites. Measured side by side in one process, alternating the
-two rewrite sets: the compilation of each seed model's marginal log posterior's
+excludes the in-place rewrites. Measured in one process, for each model the two
+rewrite sets one after the other: the compilation of each seed model's marginal log posterior's
 gradient (the function find_MAP compiles; the model built afresh each time), its calls
 at the model's own N and at N=10^5, and ``prepare`` plus ``fit``. Each time is the
 least of ``REPEAT``.

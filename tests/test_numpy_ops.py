@@ -17,7 +17,7 @@ from pytensor.link.vm import VMLinker
 from pytensor.scalar import Add, Mul
 from pytensor.tensor.elemwise import Elemwise
 
-from ppl_em.compiled.numpy_ops import TAG, numpy_mode
+from ppl_em.compiled.numpy_ops import numpy_mode
 from tests.conftest import numpy_ops
 
 
@@ -84,11 +84,9 @@ def test_a_mixture_gradient_has_no_variadic_node_and_keeps_its_values():
 
 
 def _pytensors_thunks(inplace: bool = False) -> Mode:
-    """``numpy_mode``'s rewrites (with ``inplace``, PyTensor's in-place ones too) on
-    PyTensor's own thunks."""
-    excluded = ("fusion",) if inplace else ("fusion", "inplace")
+    """``numpy_mode(inplace)``'s own rewrites on PyTensor's own thunks."""
     linker = VMLinker(use_cloop=False, c_thunks=False)
-    return Mode(linker, "fast_run").excluding(*excluded).including(TAG)
+    return Mode(linker, numpy_mode(inplace).provided_optimizer)
 
 
 def _ufunc_nodes(fn) -> list:

@@ -190,11 +190,13 @@ def scaled_gradient(functions: EMFunctions, u: np.ndarray, mask: np.ndarray, bat
     """The norm of Q's gradient over ``u[mask]`` in the curvature-scaled coordinates: about
     how many standard errors ``u`` is off Q's maximum (0 at a fixed point of EM)."""
 
+    q = compiled_q(functions, batches)
+
     def evaluate(sub: np.ndarray):
         full = u.copy()
         full[mask] = sub
-        q, grad = q_and_grad(functions, full, batches())
-        return float(q), grad[mask]
+        value, grad = q(full)
+        return float(value), grad[mask]
 
     _, grad = evaluate(u[mask])
     return float(np.linalg.norm(curvature_scales(evaluate, u[mask], grad) * grad))
